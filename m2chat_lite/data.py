@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
+
+from .utils import atomic_write, atomic_write_bytes
 
 ROLES = ("system", "user", "assistant")
 TASKS = ("caption", "story", "dialogue", "vqa")
@@ -235,26 +236,6 @@ def tensor_to_image(t: torch.Tensor) -> PIL.Image.Image:
 # writing: atomic and deterministic
 
 
-def _atomic_write(path: str, write: Callable) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, then move it into place.
-
-    On any error the temp file is removed and ``path`` keeps its old content (or stays absent)."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-
-
 _SAVE_OPTIONS = {"png": ("PNG", ".png", {"optimize": False, "compress_level": 6}),
                  "jpeg": ("JPEG", ".jpg", {"quality": 95, "optimize": False, "subsampling": 0})}
 
@@ -320,9 +301,10 @@ def write_jsonl(samples: Sequence[Sample], path, image_dir: str = "images", imag
         except (OSError, ValueError) as e:
             raise type(e)(f"sample {sid!r} image {n}: {e}") from None
         clean = PIL.Image.frombytes("RGB", pic.size, pic.tobytes())  # drop info/ICC/EXIF: stable bytes
-        _atomic_write(target, lambda f: clean.save(f, format=pil_format, **options))
+        with atomic_write(target, "wb") as f:
+            clean.save(f, format=pil_format, **options)
     data = "".join(line + "\n" for line in lines).encode("utf-8")
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write_bytes(path, data)
     return path
 
 

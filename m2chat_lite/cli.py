@@ -1,0 +1,191 @@
+"""The ``m2chat-lite`` command line: one small function per subcommand.
+
+Introduced in notebook ``00_welcome``. Subcommands available now:
+
+    m2chat-lite info [--preset NAME]        versions, the device that would be used, the presets
+    m2chat-lite data --benchmark [--out D] [--force]   write the frozen ShapeWorld benchmark split
+    m2chat-lite data --verify [--out D]    check the split against its manifest
+    m2chat-lite demo                        the end-to-end demo (arrives with the M²Chat issue)
+
+To add a subcommand (``train``, ``generate``, ``eval``, ``chat``): write ``add_<name>_parser`` that
+registers its arguments and ``set_defaults(handler=run_<name>)``, write ``run_<name>(args) -> int``,
+and list the parser in ``SUBCOMMANDS``. Handlers import heavy modules lazily so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import __version__
+from .config import PRESETS
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # the command ran and failed (bad data, missing file, ...)
+EXIT_USAGE = 2  # wrong arguments, or a command that is not available yet (argparse uses 2 too)
+
+
+def preset_name(value: str) -> str:
+    """argparse type for ``--preset``: a known preset name, else an error listing the valid ones."""
+    if value not in PRESETS:
+        raise argparse.ArgumentTypeError(
+            f"unknown preset {value!r}; valid presets: {', '.join(PRESETS)}"
+        )
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------------------------
+
+
+def add_info_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "info", help="show versions, the device that would be used, and the presets"
+    )
+    parser.add_argument(
+        "--preset", type=preset_name, default=None, help="also print this preset's full config"
+    )
+    parser.set_defaults(handler=run_info)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    import torch  # lazy: keeps `m2chat-lite --help` fast
+
+    from .utils import get_device
+
+    device = get_device()
+    print(f"m2chat-lite {__version__}")
+    print(f"python      {platform.python_version()}")
+    print(f"torch       {torch.__version__}")
+    gpu = f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else ""
+    print(f"device      {device}{gpu}")
+    print("presets:")
+    for name, config in PRESETS.items():
+        if config.uses_pretrained:
+            source = "pretrained checkpoints, one CUDA GPU"
+        else:
+            source = "trained from scratch, any CPU"
+        print(f"  {name:<10} {config.image_size}px images, {source}")
+    if args.preset is not None:
+        print(f"config of {args.preset!r}:")
+        for key, value in PRESETS[args.preset].to_dict().items():
+            print(f"  {key} = {value!r}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+
+def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("data", help="generate ShapeWorld data files")
+    parser.add_argument(
+        "--benchmark", action="store_true", help="write the frozen benchmark split"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: the checkout's data/benchmark)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="rewrite the split even if the folder exists"
+    )
+    parser.add_argument(
+        "--verify", action="store_true", help="only check the split against its manifest"
+    )
+    parser.set_defaults(handler=run_data)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    if not (args.benchmark or args.verify):
+        print(
+            "m2chat-lite data: nothing to do; pass --benchmark to write the benchmark split "
+            "or --verify to check it",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    from .benchmark import DEFAULT_DIR, verify_benchmark, write_benchmark  # lazy: pulls in ShapeWorld
+
+    out = args.out or DEFAULT_DIR
+    if args.verify:
+        manifest = verify_benchmark(out)
+        print(f"{out}: all {len(manifest['files'])} files match the manifest")
+        return EXIT_OK
+    try:
+        write_benchmark(out, overwrite=args.force)
+    except FileExistsError as error:
+        print(f"m2chat-lite data: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    manifest = verify_benchmark(out)
+    counts = ", ".join(f"{task} {c['test']}+{c['heldout']}" for task, c in manifest["counts"].items())
+    print(f"wrote the ShapeWorld benchmark split to {out} ({counts} test+held-out samples, "
+          f"{len(manifest['files'])} files)")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+
+
+def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="the end-to-end demo: a story with pictures (not available yet)"
+    )
+    parser.add_argument("--preset", type=preset_name, default="tiny", help="preset to run")
+    parser.set_defaults(handler=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    print(
+        "m2chat-lite demo: not available yet. The end-to-end demo (a story with pictures) "
+        "arrives with the M²Chat issue, once the model parts exist. Until then, open the "
+        "course with `jupyter lab notebooks/` (00_welcome, 01_shapeworld).",
+        file=sys.stderr,
+    )
+    return EXIT_USAGE
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_info_parser,
+    add_data_parser,
+    add_demo_parser,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="m2chat-lite",
+        description="M²Chat, small: an LM that writes interleaved text and images.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in SUBCOMMANDS:
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit code (0 ok, 1 failed, 2 bad usage or not available)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:  # --help, --version, or a usage error already printed
+        code = exit_request.code
+        return code if isinstance(code, int) else EXIT_USAGE
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"m2chat-lite {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
