@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import __version__
 from .data import Sample, read_jsonl, write_jsonl
-from .utils import sha256_file
+from .utils import DATA_DIR, sha256_file
 from .world.samples import make_samples
 
 BENCHMARK_SEED = 2311_17963  # the paper's arXiv id; training code never uses this seed
@@ -31,7 +31,7 @@ BENCHMARK_COUNTS = {  # task -> (test, heldout)
     "dialogue": (100, 50),
     "vqa": (300, 100),
 }
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "data" / "benchmark"
+DEFAULT_DIR = DATA_DIR / "benchmark"
 COMMAND = "m2chat-lite data --benchmark"
 
 
@@ -65,6 +65,7 @@ def write_benchmark(out_dir=DEFAULT_DIR, overwrite: bool = False) -> Path:
             "files": {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; the split is for everyone to read
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

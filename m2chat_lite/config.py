@@ -61,12 +61,13 @@ class M2ChatConfig:
     unet_block_channels: tuple[int, ...] | None = (32, 64, 64)  # channels per resolution level
 
     # --- conditioning interface between the M³Adapter and the generator ----------------------
-    cond_seq_len: int = 8  # length of the generator's prompt_embeds (77 for CLIP-conditioned SD)
+    # length of the generator's prompt_embeds (77 in SD); 40 fits every ShapeWorld caption (<= 33 tokens)
+    cond_seq_len: int = 40
     cond_dim: int = 128  # width of each prompt_embeds vector (768 for SD 1.x's CLIP ViT-L/14)
     pooled_dim: int = 128  # width of the pooled caption embedding used by the alignment loss
 
     # --- M³Adapter ---------------------------------------------------------------------------
-    adapter_num_queries: int = 8  # N learnable queries; one per conditioning position
+    adapter_num_queries: int = 40  # N learnable queries; one per conditioning position
     adapter_num_layers: int = 2  # cross-attention blocks per branch
     adapter_num_heads: int = 4
 

@@ -23,19 +23,23 @@ import numpy as np
 import torch
 
 REPO_URL = "https://github.com/m2chat-lite/m2chat-lite"
+# The checkout's data/ folder: the benchmark split, sample files in the real-data layouts and the
+# reference checkpoints. The course runs from a checkout (an editable install), locally and in Colab.
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 # The text of every notebook's first cell. It must work before the package is installed, so it
 # spells the URL out instead of importing REPO_URL, and it uses plain Python (no ``!pip``) so that it
 # also runs outside IPython.
 COLAB_INSTALL_SNIPPET = f'''\
-# Running in Google Colab? Install m2chat-lite from GitHub. Anywhere else this cell does nothing.
-import sys
+# In Google Colab: fetch the course (package, data, reference checkpoints) and install it.
+# Anywhere else this cell does nothing.
+import os, subprocess, sys
+if "google.colab" in sys.modules and not os.path.isdir("/content/m2chat-lite"):
+    subprocess.run(["git", "clone", "--depth", "1", "{REPO_URL}", "/content/m2chat-lite"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", "/content/m2chat-lite"], check=True)
 if "google.colab" in sys.modules:
-    import subprocess
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "git+{REPO_URL}"],
-        check=True,
-    )
+    sys.path.insert(0, "/content/m2chat-lite")  # the editable install is not on this kernel's path yet
+    os.chdir("/content/m2chat-lite/notebooks")
 '''
 
 _DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -229,6 +233,10 @@ class Timer:
         self._start = time.perf_counter()
         self._end = None
         return self
+
+    def start(self) -> "Timer":
+        """Start without a ``with`` block (a notebook's first cell starts it, its last cell prints it)."""
+        return self.__enter__()
 
     def __exit__(self, *exc_info) -> None:
         self._end = time.perf_counter()

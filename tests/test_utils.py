@@ -143,8 +143,12 @@ def test_colab_snippet_installs_from_github_in_colab(monkeypatch):
     assert in_colab()
     calls = []
     monkeypatch.setattr("subprocess.run", lambda command, **kwargs: calls.append(command))
+    monkeypatch.setattr("os.chdir", lambda path: calls.append(["chdir", path]))
+    monkeypatch.setattr("sys.path", list(sys.path))
     exec(compile(COLAB_INSTALL_SNIPPET, "<colab cell>", "exec"), {})
-    assert len(calls) == 1 and calls[0][-1] == f"git+{REPO_URL}"
+    assert calls[0][:2] == ["git", "clone"] and REPO_URL in calls[0]
+    assert calls[1][-2:] == ["-e", "/content/m2chat-lite"]
+    assert calls[2] == ["chdir", "/content/m2chat-lite/notebooks"]
 
 
 def test_timer_measures_elapsed_time(monkeypatch):
