@@ -124,7 +124,8 @@ def _story_event(rng: random.Random, hero: Obj, scene: Scene, split: str, has_fr
         row, col = rng.choice(scene.free_cells())
         new = hero.moved(row, col)
         sentence = rng.choice((f"{_the(hero)} moves to the {cell_name(row, col)}.",
-                               f"then {_the(hero)} goes {position_phrase(row, col, rng)}."))
+                               f"then {_the(hero)} goes to the {cell_name(row, col)}.",
+                               f"now {_the(hero)} is {position_phrase(row, col, rng)}."))
     elif event == "resize":
         new = replace(hero, size="small" if hero.size == "large" else "large")
         verb = "grows big" if new.size == "large" else "shrinks and becomes small"
