@@ -106,5 +106,5 @@ def test_readme_setup_commands_are_what_ci_runs():
 def test_pytest_config(project):
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     options = pyproject["tool"]["pytest"]["ini_options"]
-    assert options["testpaths"] == ["tests"]
+    assert options["testpaths"] == ["tests", "notebooks"]
     assert any(marker.startswith("slow:") for marker in options["markers"])
