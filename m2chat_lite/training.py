@@ -1,0 +1,183 @@
+"""One small training loop for every model in the course, with a budget, checkpoints and resume.
+
+Taught in notebook ``02_tiny_clip`` (the first model we train) and reused by 03, 04, 07 and 08. Each
+model supplies only a ``loss_fn(batch) -> loss``; this loop owns the rest:
+
+- a **budget** in steps (deterministic: the same seed gives the same weights) and/or seconds;
+- AdamW with linear warm-up and cosine decay, gradient clipping, an optional EMA copy of the weights;
+- mixed precision on CUDA (``utils.autocast_context``), nothing special on CPU;
+- a ``tqdm`` progress bar and a loss history to plot;
+- **checkpoints** written atomically every ``checkpoint_every`` steps to ``out_dir/trainer_state.pt``
+  (weights, optimizer, scheduler, EMA, step, RNG states), and **resume** from it after an interruption;
+- a **NaN guard**: a non-finite loss stops training with a clear message; the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .utils import atomic_torch_save, autocast_context
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = 1000  # stop after this many optimizer steps (None: no step limit)
+    max_seconds: float | None = None  # and/or after this much wall-clock time
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio (needs max_steps)
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None  # keep an exponential moving average of the weights
+    log_every: int = 10
+    checkpoint_every: int | None = None  # steps between checkpoints (None: only at the end)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_steps is None and self.max_seconds is None:
+            raise ValueError("give a training budget: max_steps, max_seconds or both")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps done in total (including before a resume)
+    seconds: float  # wall-clock time of this run
+    history: list[dict] = field(default_factory=list)  # {"step", "loss", "lr"} every log_every steps
+    resumed_from: int = 0
+
+    @property
+    def final_loss(self) -> float:
+        return self.history[-1]["loss"] if self.history else float("nan")
+
+
+def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` over ``max_steps`` (flat if no step budget)."""
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.max_steps is None:
+            return 1.0
+        progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+
+
+def train(model: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor], make_batch: Callable[[int], object],
+          config: TrainConfig, out_dir: str | Path | None = None, device: str = "cpu",
+          progress: bool = True, description: str = "training") -> TrainResult:
+    """Train the parameters of ``model`` that require grad by minimising ``loss_fn(batch)``.
+
+    ``make_batch(step)`` gives the batch for a step: a function of the step index, so a resumed run sees
+    exactly the data an uninterrupted one would. With ``out_dir``, training resumes from
+    ``out_dir/trainer_state.pt`` if it exists and checkpoints there. Afterwards, if ``ema_decay`` is set,
+    the EMA weights are copied into ``model``.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if config.ema_decay else None
+    history: list[dict] = []
+    step = 0
+    state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None
+    if state_path is not None and state_path.is_file():
+        step, history = _load_state(state_path, model, optimizer, scheduler, ema)
+    resumed_from = step
+
+    def checkpoint() -> None:
+        if state_path is not None:
+            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                               "step": step, "history": history, "rng": _rng_state(),
+                               "config": asdict(config)}, state_path)
+
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(total=config.max_steps, initial=step, desc=description, disable=not progress, leave=False)
+    running = 0.0
+    while (config.max_steps is None or step < config.max_steps) and \
+            (config.max_seconds is None or time.perf_counter() - start < config.max_seconds):
+        batch = make_batch(step)
+        with autocast_context(device):
+            loss = loss_fn(batch)
+        if not torch.isfinite(loss):
+            bar.close()
+            kept = f"the last good checkpoint (step {resumed_from if not history else history[-1]['step']}) " \
+                   f"is in {state_path}" if state_path and state_path.is_file() else "no checkpoint was written"
+            raise FloatingPointError(f"the loss became {loss.item()} at step {step}; {kept}. Lower the learning "
+                                     f"rate (now {config.lr}) or check the data, then train again")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            update_ema(ema, model, config.ema_decay)
+        step += 1
+        running += loss.item()
+        if step % config.log_every == 0:
+            history.append({"step": step, "loss": running / config.log_every, "lr": scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+            running = 0.0
+        bar.update(1)
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            checkpoint()
+    bar.close()
+    checkpoint()
+    if ema is not None:
+        model.load_state_dict(ema.state_dict())
+    model.eval()
+    return TrainResult(step, time.perf_counter() - start, history, resumed_from)
+
+
+def _load_state(path: Path, model, optimizer, scheduler, ema) -> tuple[int, list[dict]]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        _set_rng_state(state["rng"])
+    except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise ValueError(f"cannot resume from {path}: {error}. It belongs to another model or is damaged; "
+                         "delete it to start from scratch") from error
+    return int(state["step"]), list(state["history"])

@@ -1,0 +1,78 @@
+"""The shared training loop: budgets, determinism, checkpoints and resume, the NaN guard."""
+
+import pytest
+import torch
+
+from m2chat_lite.training import STATE_FILE, TrainConfig, train
+from m2chat_lite.utils import set_seed
+
+
+def regression():
+    """A tiny linear-regression problem: y = 3x - 1 with a batch per step derived from the step."""
+    set_seed(0)
+    model = torch.nn.Linear(1, 1)
+
+    def make_batch(step):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(16, 1, generator=g)
+        return x, 3 * x - 1
+
+    def loss_fn(batch):
+        x, y = batch
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    return model, loss_fn, make_batch
+
+
+def test_training_reduces_the_loss_and_is_deterministic():
+    runs = []
+    for _ in range(2):
+        model, loss_fn, make_batch = regression()
+        result = train(model, loss_fn, make_batch, TrainConfig(max_steps=200, lr=0.05, warmup_steps=5),
+                       progress=False)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert result.steps == 200 and result.history[-1]["loss"] < 0.01 < result.history[0]["loss"]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert abs(model.weight.item() - 3) < 0.1 and abs(model.bias.item() + 1) < 0.1
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    model, loss_fn, make_batch = regression()
+    train(model, loss_fn, make_batch, TrainConfig(max_steps=60, lr=0.05, ema_decay=0.9), progress=False)
+    straight = [p.detach().clone() for p in model.parameters()]
+
+    model, loss_fn, make_batch = regression()
+    first = train(model, loss_fn, make_batch, TrainConfig(max_steps=60, max_seconds=1e-9, lr=0.05, ema_decay=0.9),
+                  out_dir=tmp_path, progress=False)  # "interrupted" almost at once
+    assert first.steps < 60 and (tmp_path / STATE_FILE).is_file()
+    model, loss_fn, make_batch = regression()
+    second = train(model, loss_fn, make_batch, TrainConfig(max_steps=60, lr=0.05, ema_decay=0.9),
+                   out_dir=tmp_path, progress=False)
+    assert second.resumed_from == first.steps and second.steps == 60
+    assert all(torch.allclose(a, b) for a, b in zip(straight, model.parameters()))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
+    model, loss_fn, make_batch = regression()
+    train(model, loss_fn, make_batch, TrainConfig(max_steps=20, lr=0.05), out_dir=tmp_path, progress=False)
+    saved = (tmp_path / STATE_FILE).read_bytes()
+    bad = lambda batch: loss_fn(batch) * float("nan")  # noqa: E731
+    with pytest.raises(FloatingPointError, match="the loss became nan at step 20.*last good checkpoint"):
+        train(model, bad, make_batch, TrainConfig(max_steps=40, lr=0.05), out_dir=tmp_path, progress=False)
+    assert (tmp_path / STATE_FILE).read_bytes() == saved
+
+
+def test_bad_budgets_and_damaged_state_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="give a training budget"):
+        TrainConfig(max_steps=None, max_seconds=None)
+    with pytest.raises(ValueError, match="max_steps must be positive"):
+        TrainConfig(max_steps=0)
+    with pytest.raises(ValueError, match="max_seconds must be positive"):
+        TrainConfig(max_seconds=-1)
+    (tmp_path / STATE_FILE).write_bytes(b"not a checkpoint")
+    model, loss_fn, make_batch = regression()
+    with pytest.raises(ValueError, match="cannot resume from .*delete it to start from scratch"):
+        train(model, loss_fn, make_batch, TrainConfig(max_steps=5), out_dir=tmp_path, progress=False)
+    frozen = torch.nn.Linear(1, 1).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(frozen, loss_fn, make_batch, TrainConfig(max_steps=5), progress=False)
