@@ -92,8 +92,10 @@ def make_chat_template(num_image_tokens: int = 4) -> str:
 
 
 def _special_tokens(num_image_tokens: int) -> list[str]:
-    # fixed order, so the ids are the same for every corpus: pad=0, bos=1, eos=2, ...
-    return [PAD_TOKEN, BOS_TOKEN, END_TOKEN, *ROLE_TOKENS.values(), IMAGE_TOKEN, *image_gen_tokens(num_image_tokens)]
+    # A fixed order, so the ids are the same for every corpus: pad=0, bos=1, the roles 2-4, eos=5, ...
+    # eos must not be id 2: transformers' CLIP text model treats eos_token_id == 2 as a legacy config and
+    # then pools at the largest token id instead of at the end token (the tiny CLIP of notebook 02).
+    return [PAD_TOKEN, BOS_TOKEN, *ROLE_TOKENS.values(), END_TOKEN, IMAGE_TOKEN, *image_gen_tokens(num_image_tokens)]
 
 
 def train_tokenizer(
@@ -133,7 +135,7 @@ def train_tokenizer(
         bos_token=BOS_TOKEN,
         eos_token=END_TOKEN,
         pad_token=PAD_TOKEN,
-        **{_EXTRA: specials[3:]},  # roles, <image>, [IMGk]
+        **{_EXTRA: [t for t in specials if t not in (PAD_TOKEN, BOS_TOKEN, END_TOKEN)]},  # roles, <image>, [IMGk]
         clean_up_tokenization_spaces=False,  # keep decode(encode(text)) == text
     )
     tokenizer.chat_template = make_chat_template(num_image_tokens)
