@@ -1,0 +1,197 @@
+"""Tiny CLIP: a ViT image encoder and a text encoder, trained contrastively on ShapeWorld captions.
+
+Taught in notebook ``02_tiny_clip``. Both encoders are ``transformers`` CLIP classes built from tiny
+configs, so the same code later loads a real CLIP or SigLIP checkpoint. Their jobs in M²Chat:
+
+- the **vision encoder** gives patch features (low-level: the M³Adapter's visual branch, notebook 06)
+  and a pooled embedding (what the LM sees through the projector, notebook 05);
+- the **text encoder** is the diffusion generator's conditioning encoder (notebook 04) and the
+  alignment teacher of M³FT stage 1 (notebook 07): a sequence of hidden states ``[B, L, d]`` (like
+  Stable Diffusion's ``prompt_embeds``) and a pooled embedding ``[B, d]``.
+
+Training pulls each picture's embedding towards its caption's and away from the other captions in the
+batch (the symmetric InfoNCE loss of CLIP, written out in ``contrastive_loss``).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPModel
+
+from .config import M2ChatConfig
+from .data import image_to_tensor
+from .training import TrainConfig, TrainResult, train
+from .world import caption_pairs, parse_caption, render
+
+
+def build_clip(config: M2ChatConfig, tokenizer) -> CLIPModel:
+    """A tiny CLIP from ``config`` (random weights): ViT over ``image_size`` pictures, text up to ``cond_seq_len``."""
+    text = dict(vocab_size=len(tokenizer), hidden_size=config.text_encoder_hidden_size,
+                intermediate_size=4 * config.text_encoder_hidden_size,
+                num_hidden_layers=config.text_encoder_num_layers,
+                num_attention_heads=config.text_encoder_num_heads,
+                max_position_embeddings=config.cond_seq_len, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision = dict(hidden_size=config.vision_hidden_size, intermediate_size=4 * config.vision_hidden_size,
+                  num_hidden_layers=config.vision_num_layers, num_attention_heads=config.vision_num_heads,
+                  image_size=config.image_size, patch_size=config.vision_patch_size, num_channels=3)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=config.pooled_dim))
+
+
+def tokenize_captions(tokenizer, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``<|begin|> caption <|end|>`` padded to ``max_length`` (truncated, keeping the end token, if longer).
+
+    Special-token strings typed in a caption stay plain text (``split_special_tokens``).
+    """
+    if isinstance(captions, str):
+        captions = [captions]
+    ids = torch.full((len(captions), max_length), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, text in enumerate(captions):
+        body = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"][: max_length - 2]
+        row = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id]
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def encode_text(clip: CLIPModel, tokenizer, captions: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden [B, L, d], pooled [B, p])``: the text encoder's last hidden states (padded to the model's
+    length) and the projected embedding at the end token, the generator's ``prompt_embeds`` and pooled."""
+    device = device or clip.device
+    ids, mask = tokenize_captions(tokenizer, captions, clip.config.text_config.max_position_embeddings)
+    ids, mask = ids.to(device), mask.to(device)
+    hidden = clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    end = hidden[torch.arange(len(ids), device=device), mask.sum(1) - 1]  # the <|end|> token's state
+    return hidden, clip.text_projection(end)
+
+
+def encode_images(clip: CLIPModel, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(patch_features [B, 1 + patches, d], pooled [B, p])`` for pictures in [-1, 1]."""
+    out = clip.vision_model(pixel_values=pixel_values.to(clip.device))
+    return out.last_hidden_state, clip.visual_projection(out.pooler_output)
+
+
+def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy: picture i should pick caption i among the batch, and vice versa."""
+    image_embeds = F.normalize(image_embeds, dim=-1)
+    text_embeds = F.normalize(text_embeds, dim=-1)
+    logits = logit_scale.exp().clamp(max=100) * image_embeds @ text_embeds.T
+    targets = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def caption_batch(batch_size: int, seed: int, image_size: int) -> tuple[torch.Tensor, list[str]]:
+    """A training batch of ShapeWorld caption pairs (train split): pictures in [-1, 1] and captions."""
+    pairs = caption_pairs(batch_size, seed=seed, split="train")
+    pictures = torch.stack([image_to_tensor(render(p.scene, image_size)) for p in pairs])
+    return pictures, [p.caption for p in pairs]
+
+
+def train_clip(config: M2ChatConfig, tokenizer, train_config: TrainConfig, batch_size: int = 128,
+               out_dir=None, device: str = "cpu", progress: bool = True) -> tuple[CLIPModel, TrainResult]:
+    """Train a tiny CLIP from scratch on freshly generated caption pairs (a new batch every step)."""
+    torch.manual_seed(train_config.seed)
+    clip = build_clip(config, tokenizer).to(device)
+
+    def loss_fn(batch):
+        pictures, captions = batch
+        _, image_embeds = encode_images(clip, pictures)
+        _, text_embeds = encode_text(clip, tokenizer, captions, device)
+        return contrastive_loss(image_embeds, text_embeds, clip.logit_scale)
+
+    def make_batch(step):
+        return caption_batch(batch_size, seed=train_config.seed * 10_000_000 + step, image_size=config.image_size)
+
+    result = train(clip, loss_fn, make_batch, train_config, out_dir=out_dir, device=device, progress=progress,
+                   description="tiny CLIP")
+    return clip, result
+
+
+# --- measuring it ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def similarity(clip: CLIPModel, tokenizer, pictures: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """Cosine similarity of every picture with every caption: ``[n_pictures, n_captions]``."""
+    clip.eval()
+    _, image_embeds = encode_images(clip, pictures)
+    _, text_embeds = encode_text(clip, tokenizer, captions)
+    return F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).T
+
+
+def clip_score(clip: CLIPModel, tokenizer, pictures: torch.Tensor, captions: list[str]) -> float:
+    """The CLIP score: 100 × the mean cosine similarity of each picture with its own caption (floored at 0),
+    as in Hessel et al. 2021 and torchmetrics. Higher means pictures match their captions better."""
+    cosine = similarity(clip, tokenizer, pictures, captions).diagonal()
+    return float(100 * cosine.clamp(min=0).mean())
+
+
+@torch.no_grad()
+def retrieval_accuracy(clip: CLIPModel, tokenizer, pictures: torch.Tensor, captions: list[str],
+                       n_candidates: int = 100, seed: int = 0) -> dict[str, float]:
+    """Top-1 retrieval among ``n_candidates``: for each picture, its caption plus ``n_candidates - 1``
+    others drawn at random; right when the best-scoring caption describes the picture's scene (two
+    phrasings of one scene are equally right). Likewise text→image. Returns both accuracies."""
+    sims = similarity(clip, tokenizer, pictures, captions)
+    scenes = [parse_caption(c) for c in captions]
+    rng = random.Random(seed)
+    n = len(captions)
+    if n < n_candidates:
+        raise ValueError(f"need at least {n_candidates} pairs for retrieval among {n_candidates}, got {n}")
+    hits = {"image_to_text": 0, "text_to_image": 0}
+    for i in range(n):
+        others = rng.sample([j for j in range(n) if j != i], n_candidates - 1)
+        candidates = [i] + others
+        best_text = candidates[int(sims[i, candidates].argmax())]
+        best_image = candidates[int(sims[candidates, i].argmax())]
+        hits["image_to_text"] += scenes[best_text] == scenes[i]
+        hits["text_to_image"] += scenes[best_image] == scenes[i]
+    return {k: v / n for k, v in hits.items()}
+
+
+# --- saving and loading ----------------------------------------------------------------------------
+
+def save_clip(clip: CLIPModel, tokenizer, folder, dtype: torch.dtype | None = None) -> Path:
+    """Write the model and its tokenizer to ``folder`` (config + safetensors), via a temporary folder."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model = clip if dtype is None else CLIPModel(clip.config).to(dtype).eval()
+        if dtype is not None:
+            model.load_state_dict({k: v.to(dtype) for k, v in clip.state_dict().items()})
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_clip(folder, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[CLIPModel, object]:
+    """Load a folder written by ``save_clip`` (or any local CLIP folder with a tokenizer)."""
+    from .tokenizer import load_tokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no CLIP model in {folder} (config.json missing); train one with "
+                                "`m2chat-lite train --preset tiny --stage clip`")
+    try:
+        clip, info = CLIPModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+        problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "mismatched_keys", "unexpected_keys")}
+        if problems:
+            raise ValueError(f"weights do not match the config: {problems}")
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"cannot load the CLIP model in {folder}: {error}. The folder is incomplete or "
+                         "its weights do not match its config; train it again or restore it") from error
+    return clip.to(device=device, dtype=dtype).eval(), load_tokenizer(folder)
