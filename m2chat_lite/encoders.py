@@ -16,14 +16,13 @@ batch (the symmetric InfoNCE loss of CLIP, written out in ``contrastive_loss``).
 from __future__ import annotations
 
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel
 
+from .checkpoints import load_pretrained, save_folder
 from .config import M2ChatConfig
 from .data import image_to_tensor
 from .training import TrainConfig, TrainResult, train
@@ -157,41 +156,18 @@ def retrieval_accuracy(clip: CLIPModel, tokenizer, pictures: torch.Tensor, capti
 
 # --- saving and loading ----------------------------------------------------------------------------
 
-def save_clip(clip: CLIPModel, tokenizer, folder, dtype: torch.dtype | None = None) -> Path:
-    """Write the model and its tokenizer to ``folder`` (config + safetensors), via a temporary folder."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        model = clip if dtype is None else CLIPModel(clip.config).to(dtype).eval()
-        if dtype is not None:
-            model.load_state_dict({k: v.to(dtype) for k, v in clip.state_dict().items()})
-        model.save_pretrained(tmp)
+def save_clip(clip: CLIPModel, tokenizer, folder) -> Path:
+    """Write the model and its tokenizer to ``folder`` (config + safetensors), all or nothing."""
+    def write(tmp: Path) -> None:
+        clip.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return save_folder(folder, write)
 
 
-def load_clip(folder, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[CLIPModel, object]:
+def load_clip(folder, device: str = "cpu") -> tuple[CLIPModel, object]:
     """Load a folder written by ``save_clip`` (or any local CLIP folder with a tokenizer)."""
     from .tokenizer import load_tokenizer
 
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no CLIP model in {folder} (config.json missing); train one with "
-                                "`m2chat-lite train --preset tiny --stage clip`")
-    try:
-        clip, info = CLIPModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
-        problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "mismatched_keys", "unexpected_keys")}
-        if problems:
-            raise ValueError(f"weights do not match the config: {problems}")
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"cannot load the CLIP model in {folder}: {error}. The folder is incomplete or "
-                         "its weights do not match its config; train it again or restore it") from error
-    return clip.to(device=device, dtype=dtype).eval(), load_tokenizer(folder)
+    clip = load_pretrained(CLIPModel, folder, "tiny CLIP",
+                           "train one with `m2chat-lite train --preset tiny --stage clip`")
+    return clip.to(device), load_tokenizer(folder)
