@@ -5,6 +5,8 @@ Introduced in notebook ``00_welcome``. Subcommands available now:
     m2chat-lite info [--preset NAME]        versions, the device that would be used, the presets
     m2chat-lite data --benchmark [--out D] [--force]   write the frozen ShapeWorld benchmark split
     m2chat-lite data --verify [--out D]    check the split against its manifest
+    m2chat-lite train --preset tiny --stage clip|lm|diffusion|foundation [--steps N | --minutes M] [--out D]
+    m2chat-lite generate --prompt TEXT [--n N] [--seed S] [--out D] [--model D]
     m2chat-lite demo                        the end-to-end demo (arrives with the M²Chat issue)
 
 To add a subcommand (``train``, ``generate``, ``eval``, ``chat``): write ``add_<name>_parser`` that
@@ -127,6 +129,87 @@ def run_data(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_STAGES = ("clip", "lm", "diffusion", "foundation")
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train models with the reference recipe")
+    parser.add_argument("--preset", type=preset_name, default="tiny", help="preset (only tiny trains from scratch)")
+    parser.add_argument("--stage", choices=TRAIN_STAGES, required=True,
+                        help="clip, lm, diffusion (needs a clip in --out), or foundation (all three)")
+    parser.add_argument("--out", type=Path, default=Path("runs/tiny"),
+                        help="output folder (default runs/tiny; the shipped references are data/checkpoints/tiny)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget per stage instead of steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.preset != "tiny":
+        print(f"m2chat-lite train: the {args.preset!r} preset loads pretrained models; training it arrives with "
+              "the scaling-up issue. Use --preset tiny", file=sys.stderr)
+        return EXIT_USAGE
+    from .foundation import run  # lazy: pulls in torch and the models
+
+    records = run(args.stage, args.out, steps=args.steps, minutes=args.minutes, seed=args.seed, device=args.device)
+    for stage, record in records.items():
+        print(f"{stage}: {record['steps']} steps in {record['train_seconds']:.0f} s → {args.out / stage}")
+    print(f"manifest: {args.out / 'manifest.json'}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+
+
+def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="draw pictures for a caption with the diffusion generator")
+    parser.add_argument("--prompt", required=True, help='a caption, e.g. "a big red circle at the top left"')
+    parser.add_argument("--n", type=int, default=4, help="how many pictures")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a generator folder (default: the shipped data/checkpoints/tiny/diffusion)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the recipe's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the recipe's)")
+    parser.set_defaults(handler=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        print("m2chat-lite generate: the prompt is empty; describe a picture, e.g. "
+              '--prompt "a big red circle at the top left"', file=sys.stderr)
+        return EXIT_USAGE
+    if args.n < 1:
+        print(f"m2chat-lite generate: --n must be at least 1, got {args.n}", file=sys.stderr)
+        return EXIT_USAGE
+    import torch
+
+    from .diffusion import TinyDiffusionPipeline
+    from .foundation import REFERENCE_DIR
+    from .utils import atomic_write
+
+    pipeline = TinyDiffusionPipeline.from_pretrained(args.model or REFERENCE_DIR / "diffusion")
+    kwargs = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance)) if v}
+    generator = torch.Generator().manual_seed(args.seed)
+    images = pipeline(prompt=[args.prompt] * args.n, generator=generator, **kwargs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        path = args.out / f"{args.seed}-{i}.png"
+        with atomic_write(path, "wb") as f:
+            image.save(f, format="PNG")
+        print(path)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
 # demo
 # ---------------------------------------------------------------------------------------------
 
@@ -156,6 +239,8 @@ def run_demo(args: argparse.Namespace) -> int:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_info_parser,
     add_data_parser,
+    add_train_parser,
+    add_generate_parser,
     add_demo_parser,
 ]
 

@@ -1,0 +1,136 @@
+"""The reference recipe for the tiny foundation models: tokenizer, CLIP, language model, generator.
+
+Run by ``m2chat-lite train --preset tiny --stage clip|lm|diffusion|foundation [--out DIR]``; the shipped
+reference checkpoints in ``data/checkpoints/tiny/`` were made by
+``m2chat-lite train --preset tiny --stage foundation --out data/checkpoints/tiny``. Notebooks 02–04 train
+each model briefly, then load these folders to show what the full recipe gives.
+
+Each stage writes ``DIR/<stage>/`` (a ``save_pretrained`` folder with its tokenizer) and records in
+``DIR/manifest.json`` the exact command, package version, seed, steps, wall time, machine and metrics.
+Training state lives in ``DIR/.state/<stage>/`` while a stage runs, so an interrupted run resumes where
+it stopped; it is deleted when the stage finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .benchmark import load_benchmark
+from .config import get_config
+from .data import image_to_tensor
+from .training import TrainConfig
+from .utils import DATA_DIR, atomic_write_json, get_device, set_seed
+
+STAGES = ("clip", "lm", "diffusion")
+REFERENCE_DIR = DATA_DIR / "checkpoints" / "tiny"
+
+# The reference budgets (optimizer steps) and settings; `steps` on the command line scales nothing else.
+RECIPE = {
+    "clip": {"steps": 700, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.05},
+    "lm": {"steps": 600, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.1},
+    "diffusion": {"steps": 2000, "lr": 1e-3, "warmup_steps": 100, "weight_decay": 0.0, "ema_decay": 0.995},
+}
+
+
+def _train_config(stage: str, steps: int | None, minutes: float | None, seed: int) -> TrainConfig:
+    r = RECIPE[stage]
+    return TrainConfig(max_steps=steps if steps is not None else (None if minutes else r["steps"]),
+                       max_seconds=minutes * 60 if minutes else None, lr=r["lr"], warmup_steps=r["warmup_steps"],
+                       weight_decay=r["weight_decay"], ema_decay=r.get("ema_decay"), seed=seed,
+                       log_every=25, checkpoint_every=100)
+
+
+def _benchmark_pictures(split: str, device: str):
+    samples = load_benchmark("caption", split=split)
+    pictures = torch.stack([image_to_tensor(s.images()[0].load()) for s in samples]).to(device)
+    return pictures, [s.meta["caption"] for s in samples]
+
+
+def clip_metrics(clip, tokenizer, device: str = "cpu") -> dict:
+    from .encoders import clip_score, retrieval_accuracy
+
+    metrics = {}
+    for split in ("test", "heldout"):
+        pictures, captions = _benchmark_pictures(split, device)
+        r = retrieval_accuracy(clip, tokenizer, pictures, captions, n_candidates=100)
+        metrics[split] = {"image_to_text_top1_of_100": r["image_to_text"], "text_to_image_top1_of_100": r["text_to_image"],
+                          "clip_score": clip_score(clip, tokenizer, pictures, captions), "n": len(captions)}
+    return metrics
+
+
+def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | None = None, seed: int = 0,
+              device: str | None = None, progress: bool = True) -> dict:
+    """Train one stage into ``out_dir/<stage>``, measure it, record it in the manifest; returns the record."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)} (or 'foundation' for all three)")
+    if steps is not None and steps <= 0:
+        raise ValueError(f"the budget must be positive; got --steps {steps}")
+    if minutes is not None and minutes <= 0:
+        raise ValueError(f"the budget must be positive; got --minutes {minutes}")
+    out_dir = Path(out_dir)
+    device = get_device(device)
+    config = get_config("tiny", seed=seed)
+    state_dir = out_dir / ".state" / stage
+    train_config = _train_config(stage, steps, minutes, seed)
+    set_seed(seed)
+    start = time.perf_counter()
+    if stage == "clip":
+        from .backbone import build_tokenizer
+        from .encoders import save_clip, train_clip
+
+        tokenizer = build_tokenizer(config)
+        clip, result = train_clip(config, tokenizer, train_config, batch_size=RECIPE["clip"]["batch_size"],
+                                  out_dir=state_dir, device=device, progress=progress)
+        seconds = time.perf_counter() - start
+        metrics = clip_metrics(clip, tokenizer, device)
+        save_clip(clip, tokenizer, out_dir / "clip")
+    elif stage == "lm":
+        from .backbone import benchmark_perplexity, build_tokenizer, save_lm, train_lm
+
+        tokenizer = build_tokenizer(config)
+        model, result = train_lm(config, tokenizer, train_config, out_dir=state_dir, device=device, progress=progress)
+        seconds = time.perf_counter() - start
+        metrics = benchmark_perplexity(model, tokenizer, split="test", device=device)
+        save_lm(model, tokenizer, out_dir / "lm")
+    else:
+        from .diffusion import evaluate_generator, train_diffusion
+        from .encoders import load_clip
+
+        clip, tokenizer = load_clip(out_dir / "clip", device=device)
+        pipeline, result = train_diffusion(config, clip, tokenizer, train_config, out_dir=state_dir, device=device,
+                                           progress=progress)
+        seconds = time.perf_counter() - start
+        metrics = evaluate_generator(pipeline, load_benchmark("caption"))
+        pipeline.save_pretrained(out_dir / "diffusion")
+    shutil.rmtree(state_dir, ignore_errors=True)
+    record = {
+        "command": "m2chat-lite " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "m2chat-lite"
+        else f"m2chat-lite train --preset tiny --stage {stage} --out {out_dir}",
+        "package_version": __version__, "seed": seed, "steps": result.steps, "train_seconds": round(seconds, 1),
+        "device": device, "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "recipe": RECIPE[stage], "final_loss": result.final_loss, "metrics": metrics,
+    }
+    update_manifest(out_dir, stage, record)
+    return record
+
+
+def update_manifest(out_dir, stage: str, record: dict) -> None:
+    path = Path(out_dir) / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    manifest[stage] = record
+    atomic_write_json(path, manifest)
+
+
+def run(stage: str, out_dir, **kwargs) -> dict:
+    """``stage`` one of ``STAGES`` or ``"foundation"`` (all three, in order)."""
+    stages = STAGES if stage == "foundation" else (stage,)
+    return {s: run_stage(s, out_dir, **kwargs) for s in stages}

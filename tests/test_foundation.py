@@ -1,0 +1,36 @@
+"""The reference recipe's plumbing: stages, folders, the manifest, bad budgets (tiny budgets here)."""
+
+import json
+
+import pytest
+
+from m2chat_lite.cli import main
+from m2chat_lite.encoders import load_clip
+from m2chat_lite.foundation import run_stage
+
+
+def test_clip_stage_writes_a_loadable_folder_and_a_manifest(tmp_path):
+    record = run_stage("clip", tmp_path, steps=2, progress=False)
+    assert record["steps"] == 2 and set(record["metrics"]) == {"test", "heldout"}
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["clip"]["seed"] == 0 and "m2chat-lite train" in manifest["clip"]["command"]
+    load_clip(tmp_path / "clip")
+    assert not (tmp_path / ".state" / "clip").exists()  # training state is removed once the stage is done
+
+
+def test_bad_stages_and_budgets_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown stage 'vae'; valid: clip, lm, diffusion"):
+        run_stage("vae", tmp_path)
+    with pytest.raises(ValueError, match="budget must be positive"):
+        run_stage("clip", tmp_path, steps=0)
+    with pytest.raises(FileNotFoundError, match="holds no tiny CLIP.*--stage clip"):
+        run_stage("diffusion", tmp_path, steps=1)
+    assert main(["train", "--stage", "clip", "--minutes", "-1", "--out", str(tmp_path)]) == 1
+    assert "budget must be positive" in capsys.readouterr().err
+    assert main(["train", "--preset", "hf-small", "--stage", "clip"]) == 2
+
+
+def test_generate_rejects_empty_prompts_and_missing_models(tmp_path, capsys):
+    assert main(["generate", "--prompt", "  "]) == 2
+    assert main(["generate", "--prompt", "a red circle", "--model", str(tmp_path / "nothing")]) == 1
+    assert str(tmp_path / "nothing") in capsys.readouterr().err
