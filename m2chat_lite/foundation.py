@@ -36,7 +36,7 @@ REFERENCE_DIR = DATA_DIR / "checkpoints" / "tiny"
 # The reference budgets (optimizer steps) and settings; `steps` on the command line scales nothing else.
 RECIPE = {
     "clip": {"steps": 700, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.05},
-    "lm": {"steps": 600, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.1},
+    "lm": {"steps": 800, "lr": 4e-3, "warmup_steps": 50, "weight_decay": 0.01, "rows": 8, "n_per_task": 5000},
     "diffusion": {"steps": 2000, "lr": 1e-3, "warmup_steps": 100, "weight_decay": 0.0, "ema_decay": 0.995},
 }
 
@@ -97,7 +97,8 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
         from .backbone import benchmark_perplexity, build_tokenizer, save_lm, train_lm
 
         tokenizer = build_tokenizer(config)
-        model, result = train_lm(config, tokenizer, train_config, out_dir=state_dir, device=device, progress=progress)
+        model, result = train_lm(config, tokenizer, train_config, out_dir=state_dir, device=device, progress=progress,
+                                 rows=RECIPE["lm"]["rows"], n_per_task=RECIPE["lm"]["n_per_task"])
         seconds = time.perf_counter() - start
         metrics = benchmark_perplexity(model, tokenizer, split="test", device=device)
         save_lm(model, tokenizer, out_dir / "lm")

@@ -32,6 +32,8 @@ from notebook_checks import CHECKS, NOTEBOOK_DIR, REPO_ROOT, find_notebooks, par
 ALTERNATE_PARAMETERS: dict[str, dict | list[dict]] = {
     "00_welcome": {"device": "cpu"},
     "01_shapeworld": {"image_size": 64, "oracle_scenes": 200},
+    "02_tiny_clip": {"seed": 1, "max_steps": 20, "batch_size": 32, "device": "cpu"},
+    "03_language_model": {"seed": 1, "max_steps": 40, "rows": 2, "device": "cpu"},
 }
 
 NOTEBOOKS = find_notebooks()
