@@ -43,9 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -59,6 +56,7 @@ from .config import M2ChatConfig
 from .data import Image, Sample
 from .tokenizer import (END_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, add_m2chat_tokens, decode_reply, encode_chat,
                         image_gen_tokens, load_tokenizer, num_image_tokens, train_tokenizer)
+from .checkpoints import save_folder
 from .training import TrainConfig, TrainResult, train
 from .utils import DATA_DIR, get_device, set_seed
 from .world.samples import make_samples
@@ -470,33 +468,13 @@ def generate_text(model, tokenizer, messages: list[dict], max_new_tokens: int = 
 def save_lm(model, tokenizer, folder: str | Path) -> Path:
     """Save the model and its tokenizer into one ``save_pretrained`` folder (config + safetensors).
 
-    Written to a temporary folder next to ``folder`` and renamed into place, so ``folder`` is either the
-    old checkpoint or the complete new one, never half-written."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    old = None
-    try:
+    All or nothing (``checkpoints.save_folder``): ``folder`` is either the old checkpoint or the complete
+    new one, never half-written."""
+    def write(tmp: Path) -> None:
         with _quiet():
             model.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
         tokenizer.save_pretrained(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp (and safetensors) make private files; these are for everyone
-        for path in tmp.iterdir():
-            path.chmod(0o666 & ~umask)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not folder.exists():
-            os.replace(old, folder)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
+    return save_folder(folder, write)
 
 
 @contextlib.contextmanager

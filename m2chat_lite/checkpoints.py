@@ -7,6 +7,7 @@ is one), so the ecosystem's tools can open it too.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,20 +19,31 @@ from safetensors import SafetensorError
 def save_folder(folder, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` to fill a temporary folder beside ``folder``, then move it into place.
 
-    If ``write`` fails, nothing changes on disk; an existing ``folder`` is replaced only on success.
+    ``folder`` is always either the old checkpoint or the complete new one: if ``write`` or the move
+    fails, the old one stays. Files get the usual permissions (temporary folders are private).
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    old = None
     try:
         write(tmp)
-        tmp.chmod(0o755)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        for path in tmp.rglob("*"):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+        os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not folder.exists():
+            os.replace(old, folder)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
