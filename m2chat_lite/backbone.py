@@ -41,7 +41,6 @@ are not practical to enumerate; their perplexities are reported without a refere
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -49,14 +48,13 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from transformers.utils import logging as hf_logging
 
 from . import world
 from .config import M2ChatConfig
 from .data import Image, Sample
 from .tokenizer import (END_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, add_m2chat_tokens, decode_reply, encode_chat,
                         image_gen_tokens, load_tokenizer, num_image_tokens, train_tokenizer)
-from .checkpoints import save_folder
+from .checkpoints import quiet as _quiet, save_folder
 from .training import TrainConfig, TrainResult, train
 from .utils import DATA_DIR, get_device, set_seed
 from .world.samples import make_samples
@@ -475,18 +473,6 @@ def save_lm(model, tokenizer, folder: str | Path) -> Path:
             model.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
         tokenizer.save_pretrained(tmp)
     return save_folder(folder, write)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """No ``transformers`` progress bars (writing/loading shards) inside the block."""
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def load_lm(folder: str | Path, device: str | None = "cpu", dtype: torch.dtype = torch.float32):

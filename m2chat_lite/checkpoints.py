@@ -7,6 +7,7 @@ is one), so the ecosystem's tools can open it too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from safetensors import SafetensorError
+from transformers.utils import logging as hf_logging
 
 
 def save_folder(folder, write: Callable[[Path], None]) -> Path:
@@ -47,6 +49,18 @@ def save_folder(folder, write: Callable[[Path], None]) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def quiet():
+    """No ``transformers`` progress bars (writing or loading weights) inside the block."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_pretrained(model_class, folder, what: str, how_to_make: str, **kwargs):
     """``model_class.from_pretrained(folder)``, refusing anything but an exact match of weights and config.
 
@@ -57,7 +71,9 @@ def load_pretrained(model_class, folder, what: str, how_to_make: str, **kwargs):
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} holds no {what} (config.json is missing); {how_to_make}")
     try:
-        model, info = model_class.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kwargs)
+        with quiet():
+            model, info = model_class.from_pretrained(folder, local_files_only=True, output_loading_info=True,
+                                                      **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         reason = ("its weights do not match its config (tensor shapes differ)" if "mismatched" in str(error)
                   else f"{error}. The folder is incomplete or damaged")

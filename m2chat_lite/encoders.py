@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel
 
-from .checkpoints import load_pretrained, save_folder
+from .checkpoints import load_pretrained, quiet, save_folder
 from .config import M2ChatConfig
 from .data import image_to_tensor
 from .training import TrainConfig, TrainResult, train
@@ -159,7 +159,8 @@ def retrieval_accuracy(clip: CLIPModel, tokenizer, pictures: torch.Tensor, capti
 def save_clip(clip: CLIPModel, tokenizer, folder) -> Path:
     """Write the model and its tokenizer to ``folder`` (config + safetensors), all or nothing."""
     def write(tmp: Path) -> None:
-        clip.save_pretrained(tmp)
+        with quiet():
+            clip.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return save_folder(folder, write)
 
