@@ -23,8 +23,8 @@ Diffusion UNet without changing the code around it:
 - :class:`TinyDiffusionPipeline` is the ``StableDiffusionPipeline``-style object: ``pipe("a red
   circle")`` or ``pipe(prompt_embeds=..., pooled_prompt_embeds=...)`` returns PIL pictures; it saves to and
   loads from a folder (``unet/``, ``scheduler/``, ``text_encoder/``, ``pipeline.json``), atomically.
-- :func:`train_diffusion` is the training recipe (:class:`DiffusionRecipe`; its defaults are the
-  measured choices, see ``benchmarks/DIFFUSION_RECIPE.md``) on top of the shared loop in
+- :func:`train_diffusion` is the training recipe (:class:`DiffusionRecipe`; its defaults are a first
+  guess still being tuned: see ``benchmarks/diffusion.py``) on top of the shared loop in
   :mod:`m2chat_lite.training`; :func:`evaluate_generator` scores pictures with the ShapeWorld oracle.
 """
 
