@@ -66,13 +66,19 @@ from .benchmark import BENCHMARK_SEED  # noqa: E402  (after the names above: ben
 
 
 def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per_block: int = 1,
-               attention_heads: int = 2, norm_num_groups: int = 8) -> UNet2DConditionModel:
+               attention_heads: int = 2, norm_num_groups: int = 8,
+               coordinate_channels: bool = True) -> UNet2DConditionModel:
     """A pixel-space ``UNet2DConditionModel`` for ``config`` (randomly initialised).
 
     One resolution level per entry of ``config.unet_block_channels`` (32, 16, 8 px for the tiny preset);
     the ``cross_attention_levels`` coarsest levels (and the middle block) attend to the caption.
     ``attention_heads`` is the number of heads per attention layer (diffusers calls this argument
     ``attention_head_dim`` for historical reasons: 64 channels with 2 heads is 32 dimensions per head).
+
+    ``coordinate_channels`` gives the UNet two extra input channels holding each pixel's row and column
+    (CoordConv, Liu et al. 2018; :func:`add_coordinates` fills them in). Convolutions are translation
+    equivariant, so without them the only clue to *where* a pixel is comes from the zero padding at the
+    borders, and "at the top left" is learnt very slowly (see ``benchmarks/DIFFUSION_RECIPE.md``).
     """
     channels = config.unet_block_channels
     if channels is None:
@@ -93,7 +99,7 @@ def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends))
     return UNet2DConditionModel(
-        sample_size=config.image_size, in_channels=3, out_channels=3,
+        sample_size=config.image_size, in_channels=3 + 2 * coordinate_channels, out_channels=3,
         block_out_channels=tuple(channels), layers_per_block=layers_per_block,
         down_block_types=down, up_block_types=up,
         mid_block_type="UNetMidBlock2DCrossAttn" if cross_attention_levels else None,
@@ -140,6 +146,17 @@ def sampling_scheduler(scheduler_config, sampler: str = "dpm", spacing: str | No
                          steps_offset=offset)
 
 
+def add_coordinates(unet, sample: torch.Tensor) -> torch.Tensor:
+    """``sample`` with the row and column channels appended (in ``[-1, 1]``) if ``unet`` takes them
+    (``in_channels == out_channels + 2``, see :func:`build_unet`); otherwise ``sample`` unchanged."""
+    if unet.config.in_channels != unet.config.out_channels + 2:
+        return sample
+    b, _, h, w = sample.shape
+    rows = torch.linspace(-1, 1, h, device=sample.device, dtype=sample.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+    cols = torch.linspace(-1, 1, w, device=sample.device, dtype=sample.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+    return torch.cat([sample, rows, cols], dim=1)
+
+
 def _unet_kwargs(unet, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> dict:
     kwargs = {"encoder_hidden_states": prompt_embeds}
     if unet.config.class_embed_type is not None:
@@ -183,7 +200,7 @@ def diffusion_loss(unet, scheduler, images: torch.Tensor, prompt_embeds: torch.T
         target = images
     else:
         raise ValueError(f"unsupported prediction_type {kind!r}; valid: {', '.join(PREDICTION_TYPES)}")
-    prediction = unet(noisy, timesteps, **_unet_kwargs(unet, prompt_embeds, pooled)).sample
+    prediction = unet(add_coordinates(unet, noisy), timesteps, **_unet_kwargs(unet, prompt_embeds, pooled)).sample
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is None:
         return per_sample.mean()
@@ -302,7 +319,7 @@ class TinyDiffusionPipeline:
         pooled = None if pooled_prompt_embeds is None else \
             pooled_prompt_embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
         n = cond.shape[0]
-        shape = (n, self.unet.config.in_channels, self.image_size, self.image_size)
+        shape = (n, self.unet.config.out_channels, self.image_size, self.image_size)
         if latents is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
@@ -321,7 +338,7 @@ class TinyDiffusionPipeline:
         for t in scheduler.timesteps:
             model_in = torch.cat([sample, sample]) if guided else sample
             model_in = scheduler.scale_model_input(model_in, t)
-            out = self.unet(model_in, t, **_unet_kwargs(self.unet, cond_in, pooled_in)).sample
+            out = self.unet(add_coordinates(self.unet, model_in), t, **_unet_kwargs(self.unet, cond_in, pooled_in)).sample
             if guided:
                 uncond, text = out.chunk(2)
                 out = uncond + scale * (text - uncond)
@@ -468,6 +485,7 @@ class DiffusionRecipe:
     max_objects: int = 3  # objects per training picture: 1..max_objects
     single_object_steps: int = 0  # curriculum: the first steps use one-object pictures only
     cross_attention_levels: int = 2  # UNet: the coarsest levels that attend to the caption
+    coordinate_channels: bool = True  # UNet: row and column input channels (where each pixel is)
     sampler: str = "dpm"
     num_inference_steps: int = 20
     guidance_scale: float = 3.0
@@ -562,7 +580,8 @@ def train_diffusion(config: M2ChatConfig, clip, tokenizer, train_config: TrainCo
     recipe = recipe or DiffusionRecipe()
     torch.manual_seed(train_config.seed)
     if unet is None:
-        unet = build_unet(config, cross_attention_levels=recipe.cross_attention_levels)
+        unet = build_unet(config, cross_attention_levels=recipe.cross_attention_levels,
+                          coordinate_channels=recipe.coordinate_channels)
     unet.to(device)
     clip = clip.to(device).eval().requires_grad_(False)
     scheduler, sampler = build_schedulers(recipe.prediction_type, recipe.beta_schedule,

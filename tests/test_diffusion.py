@@ -43,16 +43,21 @@ def test_unet_shapes_and_conditioning_for_the_tiny_preset():
     unet = D.build_unet(config)
     x = torch.randn(2, 3, 32, 32)
     embeds, pooled = torch.randn(2, config.cond_seq_len, config.cond_dim), torch.randn(2, config.pooled_dim)
+    with_coords = D.add_coordinates(unet, x)  # two channels saying where each pixel is
+    assert with_coords.shape == (2, 5, 32, 32) and torch.equal(with_coords[:, :3], x)
+    assert with_coords[0, 3, 0, 0] == -1 and with_coords[0, 3, -1, 0] == 1 and with_coords[0, 4, 0, -1] == 1
     with torch.no_grad():
-        out = unet(x, torch.tensor([10, 900]), encoder_hidden_states=embeds, class_labels=pooled).sample
+        out = unet(with_coords, torch.tensor([10, 900]), encoder_hidden_states=embeds, class_labels=pooled).sample
     assert out.shape == x.shape
     assert unet.config.block_out_channels == (32, 64, 64) and unet.config.cross_attention_dim == 128
     assert unet.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
     assert unet.config.class_embed_type == "projection"
     assert 1e6 < sum(p.numel() for p in unet.parameters()) < 3e6
     with torch.no_grad():  # the pooled embedding changes the output (it goes through the time embedding)
-        other = unet(x, torch.tensor([10, 900]), encoder_hidden_states=embeds, class_labels=pooled + 1).sample
+        other = unet(with_coords, torch.tensor([10, 900]), encoder_hidden_states=embeds, class_labels=pooled + 1).sample
     assert not torch.allclose(out, other)
+    plain = D.build_unet(config, coordinate_channels=False)
+    assert plain.config.in_channels == 3 and torch.equal(D.add_coordinates(plain, x), x)
 
 
 def test_build_unet_rejects_bad_settings():
