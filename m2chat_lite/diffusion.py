@@ -67,11 +67,17 @@ from .benchmark import BENCHMARK_SEED  # noqa: E402  (after the names above: ben
 
 def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per_block: int = 1,
                attention_heads: int = 2, norm_num_groups: int = 8,
-               coordinate_channels: bool = True) -> UNet2DConditionModel:
+               coordinate_channels: bool = True, patch_size: int = 1) -> UNet2DConditionModel:
     """A pixel-space ``UNet2DConditionModel`` for ``config`` (randomly initialised).
 
-    One resolution level per entry of ``config.unet_block_channels`` (32, 16, 8 px for the tiny preset);
-    the ``cross_attention_levels`` coarsest levels (and the middle block) attend to the caption.
+    One resolution level per entry of ``config.unet_block_channels``, the first at
+    ``image_size / patch_size`` px, each next one half the size; the ``cross_attention_levels`` coarsest
+    levels (and the middle block) attend to the caption.
+
+    ``patch_size`` 2 makes the UNet work on 2×2 patches of pixels stacked as channels (``pixel_unshuffle``:
+    a 3×32×32 picture is 12×16×16; "patching" in Simple Diffusion, Hoogeboom et al. 2023). It is lossless,
+    so the diffusion process is unchanged, but every convolution runs on a quarter of the positions: the
+    same compute buys a wider network. :func:`predict_noise` does the reshaping.
     ``attention_heads`` is the number of heads per attention layer (diffusers calls this argument
     ``attention_head_dim`` for historical reasons: 64 channels with 2 heads is 32 dimensions per head).
 
@@ -88,9 +94,11 @@ def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per
     if not 0 <= cross_attention_levels <= levels:
         raise ValueError(f"cross_attention_levels must be between 0 and {levels} (the number of resolution "
                          f"levels), got {cross_attention_levels}")
-    if config.image_size % 2 ** (levels - 1):
-        raise ValueError(f"image_size {config.image_size} must be divisible by {2 ** (levels - 1)} for "
-                         f"{levels} resolution levels")
+    if patch_size not in (1, 2, 4):
+        raise ValueError(f"patch_size must be 1, 2 or 4, got {patch_size!r}")
+    if config.image_size % (patch_size * 2 ** (levels - 1)):
+        raise ValueError(f"image_size {config.image_size} must be divisible by {patch_size * 2 ** (levels - 1)} "
+                         f"for {levels} resolution levels with patch_size {patch_size}")
     bad = [c for c in channels if c % norm_num_groups or c % attention_heads]
     if bad:
         raise ValueError(f"every entry of unet_block_channels {channels} must be divisible by norm_num_groups "
@@ -99,7 +107,8 @@ def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends))
     return UNet2DConditionModel(
-        sample_size=config.image_size, in_channels=3 + 2 * coordinate_channels, out_channels=3,
+        sample_size=config.image_size // patch_size, in_channels=3 * patch_size ** 2 + 2 * coordinate_channels,
+        out_channels=3 * patch_size ** 2,
         block_out_channels=tuple(channels), layers_per_block=layers_per_block,
         down_block_types=down, up_block_types=up,
         mid_block_type="UNetMidBlock2DCrossAttn" if cross_attention_levels else None,
@@ -157,6 +166,29 @@ def add_coordinates(unet, sample: torch.Tensor) -> torch.Tensor:
     return torch.cat([sample, rows, cols], dim=1)
 
 
+def patch_size_of(unet) -> int:
+    """The ``patch_size`` a UNet from :func:`build_unet` was built with (1 for any other UNet, such as a
+    Stable Diffusion one working on 4-channel VAE latents)."""
+    out = unet.config.out_channels
+    for p in (4, 2):
+        if out == 3 * p * p:
+            return p
+    return 1
+
+
+def predict_noise(unet, sample: torch.Tensor, timesteps, prompt_embeds: torch.Tensor,
+                  pooled: torch.Tensor | None = None) -> torch.Tensor:
+    """The UNet's output (ε, v or x0) for noisy pictures ``sample`` ``[B, 3, H, W]``, shaped like ``sample``.
+
+    Wraps the plain ``unet(sample, t, encoder_hidden_states=..., class_labels=...)`` call with what
+    :func:`build_unet` may have added: 2×2 patches in and out (``patch_size``) and the coordinate channels.
+    """
+    p = patch_size_of(unet)
+    x = F.pixel_unshuffle(sample, p) if p > 1 else sample
+    out = unet(add_coordinates(unet, x), timesteps, **_unet_kwargs(unet, prompt_embeds, pooled)).sample
+    return F.pixel_shuffle(out, p) if p > 1 else out
+
+
 def _unet_kwargs(unet, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> dict:
     kwargs = {"encoder_hidden_states": prompt_embeds}
     if unet.config.class_embed_type is not None:
@@ -200,7 +232,7 @@ def diffusion_loss(unet, scheduler, images: torch.Tensor, prompt_embeds: torch.T
         target = images
     else:
         raise ValueError(f"unsupported prediction_type {kind!r}; valid: {', '.join(PREDICTION_TYPES)}")
-    prediction = unet(add_coordinates(unet, noisy), timesteps, **_unet_kwargs(unet, prompt_embeds, pooled)).sample
+    prediction = predict_noise(unet, noisy, timesteps, prompt_embeds, pooled)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is None:
         return per_sample.mean()
@@ -258,7 +290,7 @@ class TinyDiffusionPipeline:
     @property
     def image_size(self) -> int:
         size = self.unet.config.sample_size
-        return size if isinstance(size, int) else size[0]
+        return (size if isinstance(size, int) else size[0]) * patch_size_of(self.unet)
 
     def to(self, device) -> "TinyDiffusionPipeline":
         self.unet.to(device)
@@ -319,7 +351,7 @@ class TinyDiffusionPipeline:
         pooled = None if pooled_prompt_embeds is None else \
             pooled_prompt_embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
         n = cond.shape[0]
-        shape = (n, self.unet.config.out_channels, self.image_size, self.image_size)
+        shape = (n, self.unet.config.out_channels // patch_size_of(self.unet) ** 2, self.image_size, self.image_size)
         if latents is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
@@ -338,7 +370,7 @@ class TinyDiffusionPipeline:
         for t in scheduler.timesteps:
             model_in = torch.cat([sample, sample]) if guided else sample
             model_in = scheduler.scale_model_input(model_in, t)
-            out = self.unet(add_coordinates(self.unet, model_in), t, **_unet_kwargs(self.unet, cond_in, pooled_in)).sample
+            out = predict_noise(self.unet, model_in, t, cond_in, pooled_in)
             if guided:
                 uncond, text = out.chunk(2)
                 out = uncond + scale * (text - uncond)
@@ -486,6 +518,7 @@ class DiffusionRecipe:
     single_object_steps: int = 0  # curriculum: the first steps use one-object pictures only
     cross_attention_levels: int = 2  # UNet: the coarsest levels that attend to the caption
     coordinate_channels: bool = True  # UNet: row and column input channels (where each pixel is)
+    patch_size: int = 1  # UNet: works on patch_size × patch_size patches of pixels stacked as channels
     sampler: str = "dpm"
     num_inference_steps: int = 20
     guidance_scale: float = 3.0
@@ -581,7 +614,7 @@ def train_diffusion(config: M2ChatConfig, clip, tokenizer, train_config: TrainCo
     torch.manual_seed(train_config.seed)
     if unet is None:
         unet = build_unet(config, cross_attention_levels=recipe.cross_attention_levels,
-                          coordinate_channels=recipe.coordinate_channels)
+                          coordinate_channels=recipe.coordinate_channels, patch_size=recipe.patch_size)
     unet.to(device)
     clip = clip.to(device).eval().requires_grad_(False)
     scheduler, sampler = build_schedulers(recipe.prediction_type, recipe.beta_schedule,
