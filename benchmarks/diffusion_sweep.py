@@ -51,6 +51,9 @@ def run_variant(job: dict) -> dict:
             results = evaluate_generator(pipeline, samples, guidance_scale=guidance)
             scores[str(guidance)] = {f"{split}/{group}": results[split][group]["exact"] for split, group in COLUMNS
                                      if group in results.get(split, {})}
+            scores[str(guidance)]["attributes (test, 1 and 2 objects)"] = {
+                group: {k: round(v, 3) for k, v in results["test"][group].items() if k != "n"}
+                for group in ("1 object", "2 objects") if group in results.get("test", {})}
         params = sum(p.numel() for p in pipeline.unet.parameters())
         return {"name": variant["name"], "variant": variant, "params": params, "train_seconds": train_seconds,
                 "final_loss": result.final_loss, "scores": scores}
@@ -100,6 +103,7 @@ def main(argv=None) -> list[dict]:
             continue
         for g, s in r["scores"].items():
             cells = " ".join(f"{s.get(f'{a}/{b}', float('nan')):>10.1%}" for a, b in COLUMNS)
+            # (per-attribute scores are in sweep.json)
             print(f"{r['name']:<28} {r['variant']['steps']:>5} {r['params'] / 1e6:>5.2f}M {float(g):>3g} {cells}"
                   f"  {r['final_loss']:.4f} {r['train_seconds']:>6.0f}")
     return results

@@ -58,7 +58,7 @@ class M2ChatConfig:
     text_encoder_num_heads: int | None = 4
 
     # --- diffusion UNet (None = from the checkpoint) -----------------------------------------
-    unet_block_channels: tuple[int, ...] | None = (32, 64, 64)  # channels per resolution level
+    unet_block_channels: tuple[int, ...] | None = (64, 128, 128)  # channels per UNet resolution level (16, 8, 4 px: 2x2 patches)
 
     # --- conditioning interface between the M³Adapter and the generator ----------------------
     # length of the generator's prompt_embeds (77 in SD); 40 fits every ShapeWorld caption (<= 33 tokens)

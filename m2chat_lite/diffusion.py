@@ -67,7 +67,8 @@ from .benchmark import BENCHMARK_SEED  # noqa: E402  (after the names above: ben
 
 def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per_block: int = 1,
                attention_heads: int = 2, norm_num_groups: int = 8,
-               coordinate_channels: bool = True, patch_size: int = 1) -> UNet2DConditionModel:
+               coordinate_channels: bool = True, patch_size: int = 1,
+               scale_shift: bool = False) -> UNet2DConditionModel:
     """A pixel-space ``UNet2DConditionModel`` for ``config`` (randomly initialised).
 
     One resolution level per entry of ``config.unet_block_channels``, the first at
@@ -115,6 +116,7 @@ def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per
         cross_attention_dim=config.cond_dim, attention_head_dim=attention_heads,
         norm_num_groups=norm_num_groups,
         class_embed_type="projection", projection_class_embeddings_input_dim=config.pooled_dim,
+        resnet_time_scale_shift="scale_shift" if scale_shift else "default",
     )
 
 
@@ -412,24 +414,34 @@ class TinyDiffusionPipeline:
 
     # --- saving and loading --------------------------------------------------------------------
 
-    def save_pretrained(self, folder: str | os.PathLike, include_text_encoder: bool = True) -> Path:
+    def save_pretrained(self, folder: str | os.PathLike, include_text_encoder: bool = True,
+                        text_encoder_dir: str | None = None, dtype: torch.dtype | None = None) -> Path:
         """Write ``folder``: ``unet/`` (the UNet's own ``save_pretrained``), ``scheduler/``,
         ``text_encoder/`` (the CLIP and its tokenizer, if the pipeline has them) and ``pipeline.json``.
         Everything is written to a temporary folder beside it and then moved into place, so ``folder`` is
-        either the old pipeline or the complete new one."""
+        either the old pipeline or the complete new one.
+
+        ``text_encoder_dir`` (a path relative to ``folder``, such as ``"../clip"``) records where an
+        already saved text encoder lives instead of copying it (the shipped checkpoints share one CLIP).
+        ``dtype=torch.float16`` stores the UNet weights in half precision (half the bytes);
+        :meth:`from_pretrained` loads them back as float32."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         try:
-            self.unet.save_pretrained(tmp / UNET_DIR)
+            if dtype is None:
+                self.unet.save_pretrained(tmp / UNET_DIR)
+            else:
+                import copy
+                copy.deepcopy(self.unet).to(dtype).save_pretrained(tmp / UNET_DIR)
             self.scheduler.save_pretrained(tmp / SCHEDULER_DIR)
             with_text = include_text_encoder and self.text_encoder is not None and self.tokenizer is not None
-            if with_text:
+            if with_text and text_encoder_dir is None:
                 from .encoders import save_clip
                 save_clip(self.text_encoder, self.tokenizer, tmp / TEXT_ENCODER_DIR)
+            text_dir = (text_encoder_dir or TEXT_ENCODER_DIR) if with_text else None
             meta = {"class": type(self).__name__, "package_version": __version__,
-                    "image_size": self.image_size, "text_encoder": TEXT_ENCODER_DIR if with_text else None,
-                    "defaults": self.defaults}
+                    "image_size": self.image_size, "text_encoder": text_dir, "defaults": self.defaults}
             (tmp / PIPELINE_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
             tmp.chmod(0o755)
             _replace_folder(tmp, folder)
@@ -460,7 +472,7 @@ class TinyDiffusionPipeline:
         except json.JSONDecodeError as error:
             raise ValueError(f"{folder / PIPELINE_FILE} is not valid JSON ({error}); save the pipeline again") from error
         try:
-            unet = UNet2DConditionModel.from_pretrained(folder / UNET_DIR)
+            unet = UNet2DConditionModel.from_pretrained(folder / UNET_DIR, torch_dtype=torch.float32)
         except Exception as error:  # diffusers raises several types for bad weights and shape mismatches
             raise ValueError(f"cannot load the UNet from {folder / UNET_DIR}: {type(error).__name__}: {error}. "
                              "The weights do not match unet/config.json or are damaged; save the pipeline "
@@ -508,17 +520,18 @@ class DiffusionRecipe:
     """How the generator is trained and sampled (defaults: the measured recipe, see the benchmark notes)."""
 
     batch_size: int = 32
-    prediction_type: str = "epsilon"
+    prediction_type: str = "sample"  # the UNet predicts the clean picture x0 (see benchmarks/diffusion_sweep.py)
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
-    snr_gamma: float | None = 5.0  # Min-SNR-γ loss weighting (None: plain MSE)
+    snr_gamma: float | None = None  # Min-SNR-γ loss weighting (None: plain MSE on the target)
     timestep_power: float = 1.0  # t = ⌊T·(1 − u^p)⌋, u uniform: 1 is uniform, > 1 favours the noisy end
     caption_dropout: float = 0.1  # fraction of captions replaced by the null (zero) embeddings
     max_objects: int = 3  # objects per training picture: 1..max_objects
-    single_object_steps: int = 0  # curriculum: the first steps use one-object pictures only
+    single_object_steps: int = 500  # curriculum: the first steps use one-object pictures only
     cross_attention_levels: int = 2  # UNet: the coarsest levels that attend to the caption
     coordinate_channels: bool = True  # UNet: row and column input channels (where each pixel is)
-    patch_size: int = 1  # UNet: works on patch_size × patch_size patches of pixels stacked as channels
+    patch_size: int = 2  # UNet: works on patch_size × patch_size patches of pixels stacked as channels
+    scale_shift: bool = True  # UNet: timestep + pooled caption scale and shift the features (FiLM), not just shift
     sampler: str = "dpm"
     num_inference_steps: int = 20
     guidance_scale: float = 3.0
@@ -545,6 +558,19 @@ class DiffusionRecipe:
         if unknown:
             raise ValueError(f"unknown recipe field(s) {unknown}; valid: {', '.join(sorted(known))}")
         return cls(**data)
+
+
+def unet_kwargs(recipe: DiffusionRecipe) -> dict:
+    """The :func:`build_unet` arguments that ``recipe`` decides (its architecture settings)."""
+    return {"cross_attention_levels": recipe.cross_attention_levels, "coordinate_channels": recipe.coordinate_channels,
+            "patch_size": recipe.patch_size, "scale_shift": recipe.scale_shift}
+
+
+def reference_pipeline_dir(preset: str = "tiny") -> Path:
+    """Where the reference generator of ``preset`` ships: ``data/checkpoints/<preset>/diffusion``."""
+    from .utils import DATA_DIR
+
+    return DATA_DIR / "checkpoints" / preset / "diffusion"
 
 
 def batch_seed(step: int, data_seed: int = 0) -> int:
@@ -613,8 +639,7 @@ def train_diffusion(config: M2ChatConfig, clip, tokenizer, train_config: TrainCo
     recipe = recipe or DiffusionRecipe()
     torch.manual_seed(train_config.seed)
     if unet is None:
-        unet = build_unet(config, cross_attention_levels=recipe.cross_attention_levels,
-                          coordinate_channels=recipe.coordinate_channels, patch_size=recipe.patch_size)
+        unet = build_unet(config, **unet_kwargs(recipe))
     unet.to(device)
     clip = clip.to(device).eval().requires_grad_(False)
     scheduler, sampler = build_schedulers(recipe.prediction_type, recipe.beta_schedule,

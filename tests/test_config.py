@@ -18,7 +18,7 @@ def test_tiny_preset_trains_everything_from_scratch():
     assert (cfg.lm_hidden_size, cfg.lm_num_layers, cfg.lm_num_heads) == (128, 4, 4)
     assert (cfg.vision_patch_size, cfg.vision_hidden_size, cfg.vision_num_layers) == (4, 128, 4)
     assert (cfg.text_encoder_hidden_size, cfg.text_encoder_num_layers) == (128, 2)
-    assert cfg.unet_block_channels == (32, 64, 64)
+    assert cfg.unet_block_channels == (64, 128, 128)
     assert (cfg.adapter_num_queries, cfg.adapter_num_layers) == (40, 2)
     assert cfg.lm_id is cfg.vision_id is cfg.generator_id is None
     assert not cfg.uses_pretrained

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from m2chat_lite import diffusion as D
 from m2chat_lite.benchmark import BENCHMARK_SEED, load_benchmark
@@ -40,24 +41,31 @@ def make_pipeline(small, seed=0, guidance_scale=2.0):
 
 def test_unet_shapes_and_conditioning_for_the_tiny_preset():
     config = get_config("tiny")
-    unet = D.build_unet(config)
+    unet = D.build_unet(config, **D.unet_kwargs(D.DiffusionRecipe()))  # the recipe's UNet: 2x2 patches
+    assert D.patch_size_of(unet) == 2 and unet.config.sample_size == 16
+    assert unet.config.in_channels == 12 + 2 and unet.config.out_channels == 12  # patches + coordinates
     x = torch.randn(2, 3, 32, 32)
     embeds, pooled = torch.randn(2, config.cond_seq_len, config.cond_dim), torch.randn(2, config.pooled_dim)
-    with_coords = D.add_coordinates(unet, x)  # two channels saying where each pixel is
-    assert with_coords.shape == (2, 5, 32, 32) and torch.equal(with_coords[:, :3], x)
-    assert with_coords[0, 3, 0, 0] == -1 and with_coords[0, 3, -1, 0] == 1 and with_coords[0, 4, 0, -1] == 1
+    patches = F.pixel_unshuffle(x, 2)
+    with_coords = D.add_coordinates(unet, patches)  # two channels saying where each position is
+    assert with_coords.shape == (2, 14, 16, 16) and torch.equal(with_coords[:, :12], patches)
+    assert with_coords[0, 12, 0, 0] == -1 and with_coords[0, 12, -1, 0] == 1 and with_coords[0, 13, 0, -1] == 1
+    t = torch.tensor([10, 900])
     with torch.no_grad():
-        out = unet(with_coords, torch.tensor([10, 900]), encoder_hidden_states=embeds, class_labels=pooled).sample
-    assert out.shape == x.shape
-    assert unet.config.block_out_channels == (32, 64, 64) and unet.config.cross_attention_dim == 128
+        out = D.predict_noise(unet, x, t, embeds, pooled)
+        by_hand = F.pixel_shuffle(unet(with_coords, t, encoder_hidden_states=embeds, class_labels=pooled).sample, 2)
+    assert out.shape == x.shape and torch.allclose(out, by_hand)
+    assert unet.config.block_out_channels == (64, 128, 128) and unet.config.cross_attention_dim == 128
     assert unet.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
-    assert unet.config.class_embed_type == "projection"
-    assert 1e6 < sum(p.numel() for p in unet.parameters()) < 3e6
+    assert unet.config.class_embed_type == "projection" and unet.config.resnet_time_scale_shift == "scale_shift"
+    assert 5e6 < sum(p.numel() for p in unet.parameters()) < 8e6  # <= 16 MB in float16
     with torch.no_grad():  # the pooled embedding changes the output (it goes through the time embedding)
-        other = unet(with_coords, torch.tensor([10, 900]), encoder_hidden_states=embeds, class_labels=pooled + 1).sample
+        other = D.predict_noise(unet, x, t, embeds, pooled + 1)
     assert not torch.allclose(out, other)
-    plain = D.build_unet(config, coordinate_channels=False)
-    assert plain.config.in_channels == 3 and torch.equal(D.add_coordinates(plain, x), x)
+    plain = D.build_unet(config, coordinate_channels=False, patch_size=1)
+    assert plain.config.in_channels == 3 and D.patch_size_of(plain) == 1 and torch.equal(D.add_coordinates(plain, x), x)
+    with torch.no_grad():
+        assert D.predict_noise(plain, x, t, embeds, pooled).shape == x.shape
 
 
 def test_build_unet_rejects_bad_settings():
@@ -67,6 +75,10 @@ def test_build_unet_rejects_bad_settings():
         D.build_unet(get_config("hf-small"))
     with pytest.raises(ValueError, match="divisible"):
         D.build_unet(get_config("tiny", unet_block_channels=(12, 24)))
+    with pytest.raises(ValueError, match="patch_size"):
+        D.build_unet(get_config("tiny"), patch_size=3)
+    with pytest.raises(ValueError, match="divisible by 64"):  # 6 levels of 2x2 patches: 2 * 2**5
+        D.build_unet(get_config("tiny", unet_block_channels=(8,) * 6), patch_size=2)
 
 
 @pytest.mark.parametrize("prediction_type", D.PREDICTION_TYPES)
@@ -180,6 +192,26 @@ def test_save_and_load_round_trip_gives_identical_pictures(small, tmp_path):
     D.TinyDiffusionPipeline(pipe.unet, pipe.scheduler).save_pretrained(folder)
     assert not (folder / "text_encoder").exists()
     assert D.TinyDiffusionPipeline.from_pretrained(folder).text_encoder is None
+
+
+def test_half_precision_shipping_with_a_shared_text_encoder(small, tmp_path):
+    from m2chat_lite.encoders import save_clip
+
+    config, clip, tokenizer = small
+    pipe = make_pipeline(small)
+    save_clip(clip, tokenizer, tmp_path / "clip")  # the shipped layout: one CLIP folder beside the generator
+    folder = pipe.save_pretrained(tmp_path / "diffusion", text_encoder_dir="../clip", dtype=torch.float16)
+    assert not (folder / "text_encoder").exists()
+    assert json.loads((folder / "pipeline.json").read_text())["text_encoder"] == "../clip"
+    full = pipe.save_pretrained(tmp_path / "full")
+    weights = lambda f: sum(p.stat().st_size for p in (f / "unet").glob("*.safetensors"))  # noqa: E731
+    assert weights(folder) < 0.6 * weights(full)  # half the bytes (plus the header)
+    loaded = D.TinyDiffusionPipeline.from_pretrained(folder)
+    assert loaded.unet.dtype == torch.float32 and loaded.text_encoder is not None
+    assert pipe.unet.dtype == torch.float32  # saving in half precision leaves the pipeline's own weights alone
+    before = pipe(PROMPTS, generator=torch.Generator().manual_seed(3), output_type="pt")
+    after = loaded(PROMPTS, generator=torch.Generator().manual_seed(3), output_type="pt")
+    assert (before - after).abs().max() < 0.05  # float16 rounding of the weights, not a different model
 
 
 def test_damaged_folders_give_clear_errors(small, tmp_path):

@@ -4,6 +4,9 @@
   the package's renderer). Once the M²Chat pipeline exists, this script draws the story the tiny system
   writes instead.
 - docs/pipeline.png: the pipeline diagram of notebook 00.
+- docs/diffusion_samples.png: the reference diffusion generator (data/checkpoints/tiny/diffusion) drawing
+  benchmark captions, one- and two-object test captions and held-out colour–shape pairs, each marked with
+  the oracle's verdict (skipped if the generator is not there).
 """
 
 from pathlib import Path
@@ -13,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 from m2chat_lite.benchmark import load_benchmark  # noqa: E402
-from m2chat_lite.plotting import pipeline_diagram, show_story, story_of  # noqa: E402
+from m2chat_lite.plotting import pipeline_diagram, show_images, show_story, story_of  # noqa: E402
 from m2chat_lite.utils import atomic_write  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -25,8 +28,36 @@ def save(fig, name: str) -> None:
     print("wrote", (DOCS / name).relative_to(DOCS.parent))
 
 
+def save_diffusion_samples() -> None:
+    import torch
+
+    from m2chat_lite.diffusion import TinyDiffusionPipeline, generate_for_prompts, reference_pipeline_dir
+    from m2chat_lite.world import score
+    from m2chat_lite.world.samples import scenes_of
+
+    folder = reference_pipeline_dir("tiny")
+    if not folder.is_dir():
+        print(f"skipped docs/diffusion_samples.png: no generator at {folder}")
+        return
+    torch.set_num_threads(2)
+    pipe = TinyDiffusionPipeline.from_pretrained(folder)
+    test = load_benchmark("caption", split="test")
+    chosen = [s for s in test if len(scenes_of(s)[0]) == 1][:8] + [s for s in test if len(scenes_of(s)[0]) == 2][:8]
+    chosen += load_benchmark("caption", split="heldout")[:8]
+    images = generate_for_prompts(pipe, [s.meta["caption"] for s in chosen], seed=0)
+    marks = ["✓ " if score(im, scenes_of(s)[0])["exact"] == 1.0 else "✗ " for im, s in zip(images, chosen)]
+    titles = [m + s.meta["caption"].replace(" on a plain background", "") for m, s in zip(marks, chosen)]
+    fig = show_images(images, titles, ncols=8, size=1.9,
+                      suptitle="reference generator (seed 0): one object, two objects, held-out pairs; "
+                               "✓ = every attribute right (oracle)")
+    for ax in fig.axes:
+        ax.title.set_fontsize(5)
+    save(fig, "diffusion_samples.png")
+
+
 if __name__ == "__main__":
     story = load_benchmark("story", split="test")[1]
     sentences, pictures = story_of(story)
     save(show_story(sentences, pictures, size=1.9, title="user: " + story.turns[0].content[0].text), "story.png")
     save(pipeline_diagram(highlight=("adapter",)), "pipeline.png")
+    save_diffusion_samples()
