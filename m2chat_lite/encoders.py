@@ -26,7 +26,8 @@ from .checkpoints import load_pretrained, quiet, save_folder
 from .config import M2ChatConfig
 from .data import image_to_tensor
 from .training import TrainConfig, TrainResult, train
-from .world import caption_pairs, parse_caption, render
+from .world import caption, caption_pairs, parse_caption, render
+from .world.scene import GRID, Scene
 
 
 def build_clip(config: M2ChatConfig, tokenizer) -> CLIPModel:
@@ -86,16 +87,42 @@ def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logi
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-def caption_batch(batch_size: int, seed: int, image_size: int) -> tuple[torch.Tensor, list[str]]:
-    """A training batch of ShapeWorld caption pairs (train split): pictures in [-1, 1] and captions."""
-    pairs = caption_pairs(batch_size, seed=seed, split="train")
-    pictures = torch.stack([image_to_tensor(render(p.scene, image_size)) for p in pairs])
-    return pictures, [p.caption for p in pairs]
+def moved_scene(scene: Scene, rng: random.Random) -> Scene:
+    """The same objects (shape, colour, size) in other cells: a *hard negative* for ``scene``."""
+    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+    while True:
+        chosen = rng.sample(cells, len(scene))
+        other = Scene(tuple(o.moved(r, c) for o, (r, c) in zip(scene, chosen)))
+        if other != scene:
+            return other
+
+
+def caption_batch(batch_size: int, seed: int, image_size: int,
+                  moved_fraction: float = 0.0) -> tuple[torch.Tensor, list[str]]:
+    """A training batch of ShapeWorld caption pairs (train split): pictures in [-1, 1] and captions.
+
+    With ``moved_fraction`` > 0, that fraction of the batch are **hard negatives**: copies of other pairs
+    of the batch with the same objects moved to other cells (and captioned afresh). Random pairs rarely
+    differ only in where things are, so without them the contrastive loss barely needs position, and
+    the text encoder learns to all but ignore "at the top left" (cosine 0.99 to "at the top right"),
+    which leaves the diffusion generator (notebook 04), conditioned on it, unable to place objects.
+    """
+    if not 0.0 <= moved_fraction <= 0.5:
+        raise ValueError(f"moved_fraction must be between 0 and 0.5, got {moved_fraction}")
+    n_moved = int(batch_size * moved_fraction)
+    pairs = caption_pairs(batch_size - n_moved, seed=seed, split="train")
+    rng = random.Random(f"moved-{seed}")
+    scenes = [p.scene for p in pairs] + [moved_scene(p.scene, rng) for p in pairs[:n_moved]]
+    captions = [p.caption for p in pairs] + [caption(s, rng) for s in scenes[len(pairs):]]
+    pictures = torch.stack([image_to_tensor(render(s, image_size)) for s in scenes])
+    return pictures, captions
 
 
 def train_clip(config: M2ChatConfig, tokenizer, train_config: TrainConfig, batch_size: int = 128,
-               out_dir=None, device: str = "cpu", progress: bool = True) -> tuple[CLIPModel, TrainResult]:
-    """Train a tiny CLIP from scratch on freshly generated caption pairs (a new batch every step)."""
+               out_dir=None, device: str = "cpu", progress: bool = True,
+               moved_fraction: float = 0.0) -> tuple[CLIPModel, TrainResult]:
+    """Train a tiny CLIP from scratch on freshly generated caption pairs (a new batch every step);
+    ``moved_fraction`` of each batch are hard negatives (see :func:`caption_batch`)."""
     torch.manual_seed(train_config.seed)
     clip = build_clip(config, tokenizer).to(device)
 
@@ -106,7 +133,8 @@ def train_clip(config: M2ChatConfig, tokenizer, train_config: TrainConfig, batch
         return contrastive_loss(image_embeds, text_embeds, clip.logit_scale)
 
     def make_batch(step):
-        return caption_batch(batch_size, seed=train_config.seed * 10_000_000 + step, image_size=config.image_size)
+        return caption_batch(batch_size, seed=train_config.seed * 10_000_000 + step, image_size=config.image_size,
+                             moved_fraction=moved_fraction)
 
     result = train(clip, loss_fn, make_batch, train_config, out_dir=out_dir, device=device, progress=progress,
                    description="tiny CLIP")

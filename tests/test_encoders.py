@@ -67,3 +67,24 @@ def test_save_load_round_trip_and_errors(tok, tmp_path):
     (tmp_path / "other" / "config.json").write_text((tmp_path / "clip" / "config.json").read_text())
     with pytest.raises(ValueError, match="do not match"):
         load_clip(tmp_path / "other")
+
+
+def test_hard_negatives_are_the_same_objects_in_other_cells():
+    import random
+
+    from m2chat_lite.encoders import moved_scene
+    from m2chat_lite.world import caption_pairs, parse_caption
+
+    for pair in caption_pairs(30, seed=4, split="train"):
+        other = moved_scene(pair.scene, random.Random(0))
+        assert other != pair.scene and len(other) == len(pair.scene)
+        key = lambda o: (o.shape, o.color, o.size)  # noqa: E731
+        assert sorted(map(key, other)) == sorted(map(key, pair.scene))
+    pictures, captions = caption_batch(8, seed=3, image_size=32, moved_fraction=0.5)
+    assert pictures.shape == (8, 3, 32, 32) and len(captions) == 8
+    for original, twin in zip(captions[:4], captions[4:]):  # the second half moves the first half's objects
+        a, b = parse_caption(original), parse_caption(twin)
+        assert a != b and sorted((o.shape, o.color, o.size) for o in a) == sorted((o.shape, o.color, o.size) for o in b)
+    assert caption_batch(8, seed=3, image_size=32, moved_fraction=0.5)[1] == captions  # deterministic
+    with pytest.raises(ValueError, match="moved_fraction"):
+        caption_batch(8, seed=3, image_size=32, moved_fraction=0.9)
