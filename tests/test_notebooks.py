@@ -34,6 +34,7 @@ ALTERNATE_PARAMETERS: dict[str, dict | list[dict]] = {
     "01_shapeworld": {"image_size": 64, "oracle_scenes": 200},
     "02_tiny_clip": {"seed": 1, "max_steps": 20, "batch_size": 32, "device": "cpu"},
     "03_language_model": {"seed": 1, "max_steps": 40, "rows": 2, "device": "cpu"},
+    "04_diffusion": {"seed": 1, "max_steps": 15, "batch_size": 8, "eval_prompts": 10, "device": "cpu"},
 }
 
 NOTEBOOKS = find_notebooks()
