@@ -16,6 +16,7 @@ batch (the symmetric InfoNCE loss of CLIP, written out in ``contrastive_loss``).
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from .config import M2ChatConfig
 from .data import image_to_tensor
 from .training import TrainConfig, TrainResult, train
 from .world import caption, caption_pairs, parse_caption, render
-from .world.scene import GRID, Scene
+from .world.scene import GRID, HELD_OUT, SHAPES, Scene
 
 
 def build_clip(config: M2ChatConfig, tokenizer) -> CLIPModel:
@@ -97,8 +98,17 @@ def moved_scene(scene: Scene, rng: random.Random) -> Scene:
             return other
 
 
-def caption_batch(batch_size: int, seed: int, image_size: int,
-                  moved_fraction: float = 0.0) -> tuple[torch.Tensor, list[str]]:
+def reshaped_scene(scene: Scene, rng: random.Random) -> Scene:
+    """The same scene with one object's shape changed (never into a held-out colour–shape pair)."""
+    objects = list(scene)
+    i = rng.randrange(len(objects))
+    choices = [s for s in SHAPES if s != objects[i].shape and (objects[i].color, s) not in HELD_OUT]
+    objects[i] = replace(objects[i], shape=rng.choice(choices))
+    return Scene(tuple(objects))
+
+
+def caption_batch(batch_size: int, seed: int, image_size: int, moved_fraction: float = 0.0,
+                  reshaped_fraction: float = 0.0) -> tuple[torch.Tensor, list[str]]:
     """A training batch of ShapeWorld caption pairs (train split): pictures in [-1, 1] and captions.
 
     With ``moved_fraction`` > 0, that fraction of the batch are **hard negatives**: copies of other pairs
@@ -106,13 +116,16 @@ def caption_batch(batch_size: int, seed: int, image_size: int,
     differ only in where things are, so without them the contrastive loss barely needs position, and
     the text encoder learns to all but ignore "at the top left" (cosine 0.99 to "at the top right"),
     which leaves the diffusion generator (notebook 04), conditioned on it, unable to place objects.
+    ``reshaped_fraction`` adds hard negatives of shape the same way (one object's shape changed).
     """
-    if not 0.0 <= moved_fraction <= 0.5:
-        raise ValueError(f"moved_fraction must be between 0 and 0.5, got {moved_fraction}")
-    n_moved = int(batch_size * moved_fraction)
-    pairs = caption_pairs(batch_size - n_moved, seed=seed, split="train")
+    if not (0.0 <= moved_fraction and 0.0 <= reshaped_fraction and moved_fraction + reshaped_fraction <= 0.5):
+        raise ValueError(f"moved_fraction and reshaped_fraction must be >= 0 and add up to at most 0.5, got "
+                         f"{moved_fraction} and {reshaped_fraction}")
+    n_moved, n_reshaped = int(batch_size * moved_fraction), int(batch_size * reshaped_fraction)
+    pairs = caption_pairs(batch_size - n_moved - n_reshaped, seed=seed, split="train")
     rng = random.Random(f"moved-{seed}")
     scenes = [p.scene for p in pairs] + [moved_scene(p.scene, rng) for p in pairs[:n_moved]]
+    scenes += [reshaped_scene(p.scene, rng) for p in pairs[n_moved:n_moved + n_reshaped]]
     captions = [p.caption for p in pairs] + [caption(s, rng) for s in scenes[len(pairs):]]
     pictures = torch.stack([image_to_tensor(render(s, image_size)) for s in scenes])
     return pictures, captions
@@ -120,7 +133,7 @@ def caption_batch(batch_size: int, seed: int, image_size: int,
 
 def train_clip(config: M2ChatConfig, tokenizer, train_config: TrainConfig, batch_size: int = 128,
                out_dir=None, device: str = "cpu", progress: bool = True,
-               moved_fraction: float = 0.0) -> tuple[CLIPModel, TrainResult]:
+               moved_fraction: float = 0.0, reshaped_fraction: float = 0.0) -> tuple[CLIPModel, TrainResult]:
     """Train a tiny CLIP from scratch on freshly generated caption pairs (a new batch every step);
     ``moved_fraction`` of each batch are hard negatives (see :func:`caption_batch`)."""
     torch.manual_seed(train_config.seed)
@@ -134,7 +147,7 @@ def train_clip(config: M2ChatConfig, tokenizer, train_config: TrainConfig, batch
 
     def make_batch(step):
         return caption_batch(batch_size, seed=train_config.seed * 10_000_000 + step, image_size=config.image_size,
-                             moved_fraction=moved_fraction)
+                             moved_fraction=moved_fraction, reshaped_fraction=reshaped_fraction)
 
     result = train(clip, loss_fn, make_batch, train_config, out_dir=out_dir, device=device, progress=progress,
                    description="tiny CLIP")

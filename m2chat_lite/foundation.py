@@ -36,7 +36,7 @@ REFERENCE_DIR = DATA_DIR / "checkpoints" / "tiny"
 # The reference budgets (optimizer steps) and settings; `steps` on the command line scales nothing else.
 RECIPE = {
     "clip": {"steps": 1200, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.05,
-             "moved_fraction": 0.25},
+             "moved_fraction": 0.25, "reshaped_fraction": 0.0},
     "lm": {"steps": 800, "lr": 4e-3, "warmup_steps": 50, "weight_decay": 0.01, "rows": 8, "n_per_task": 5000},
     "diffusion": {"steps": 1400, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.0, "ema_decay": 0.995},
 }
@@ -91,6 +91,7 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
         tokenizer = build_tokenizer(config)
         clip, result = train_clip(config, tokenizer, train_config, batch_size=RECIPE["clip"]["batch_size"],
                                   moved_fraction=RECIPE["clip"]["moved_fraction"],
+                                  reshaped_fraction=RECIPE["clip"]["reshaped_fraction"],
                                   out_dir=state_dir, device=device, progress=progress)
         seconds = time.perf_counter() - start
         metrics = clip_metrics(clip, tokenizer, device)

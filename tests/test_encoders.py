@@ -88,3 +88,22 @@ def test_hard_negatives_are_the_same_objects_in_other_cells():
     assert caption_batch(8, seed=3, image_size=32, moved_fraction=0.5)[1] == captions  # deterministic
     with pytest.raises(ValueError, match="moved_fraction"):
         caption_batch(8, seed=3, image_size=32, moved_fraction=0.9)
+
+
+def test_shape_hard_negatives_change_one_shape_and_never_make_a_held_out_pair():
+    import random
+
+    from m2chat_lite.encoders import reshaped_scene
+    from m2chat_lite.world import caption_pairs
+    from m2chat_lite.world.scene import HELD_OUT
+
+    rng = random.Random(0)
+    for pair in caption_pairs(60, seed=5, split="train"):
+        other = reshaped_scene(pair.scene, rng)
+        changed = [(a, b) for a, b in zip(pair.scene, other) if a != b]
+        assert len(changed) == 1 and len(other) == len(pair.scene)
+        (a, b), = changed
+        assert a.cell == b.cell and a.color == b.color and a.size == b.size and a.shape != b.shape
+        assert not any((o.color, o.shape) in HELD_OUT for o in other)
+    with pytest.raises(ValueError, match="add up to at most 0.5"):
+        caption_batch(8, seed=3, image_size=32, moved_fraction=0.25, reshaped_fraction=0.5)
