@@ -7,12 +7,12 @@ generator through its second entry point (precomputed ``prompt_embeds`` and pool
 Everything follows ``diffusers`` conventions, so the ``hf-small`` preset can swap in a pretrained Stable
 Diffusion UNet without changing the code around it:
 
-- :func:`build_unet` makes a ``UNet2DConditionModel`` working directly on pixels (3 channels) at
-  ``config.image_size``. It reads the caption twice: **cross-attention** on the text encoder's hidden
-  states (``prompt_embeds`` ``[B, cond_seq_len, cond_dim]``) at the two coarsest resolutions (16×16 and
-  8×8 at 32 px: where an object is, is a spatial question), and the **pooled** caption embedding
-  (``[B, pooled_dim]``) added to the timestep embedding (``class_embed_type="projection"``), which every
-  ResNet block sees.
+- :func:`build_unet` makes a ``UNet2DConditionModel`` working in pixel space, on 2×2 pixel patches
+  stacked as channels (the recipe's ``patch_size``) with two coordinate channels; :func:`predict_noise`
+  wraps the call. It reads the caption twice: **cross-attention** on the text encoder's hidden states
+  (``prompt_embeds`` ``[B, cond_seq_len, cond_dim]``) at the two coarsest resolutions, and the
+  **pooled** caption embedding (``[B, pooled_dim]``) added to the timestep embedding
+  (``class_embed_type="projection"``), which scales and shifts every ResNet block's features.
 - Training uses a ``DDPMScheduler`` (the forward noising ``x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·ε``); sampling a
   fast ``DPMSolverMultistepScheduler`` (DPM-Solver++) with the same noise schedule, with the predicted
   clean picture clipped to the pixel range.
@@ -23,13 +23,15 @@ Diffusion UNet without changing the code around it:
 - :class:`TinyDiffusionPipeline` is the ``StableDiffusionPipeline``-style object: ``pipe("a red
   circle")`` or ``pipe(prompt_embeds=..., pooled_prompt_embeds=...)`` returns PIL pictures; it saves to and
   loads from a folder (``unet/``, ``scheduler/``, ``text_encoder/``, ``pipeline.json``), atomically.
-- :func:`train_diffusion` is the training recipe (:class:`DiffusionRecipe`; its defaults are a first
-  guess still being tuned: see ``benchmarks/diffusion.py``) on top of the shared loop in
-  :mod:`m2chat_lite.training`; :func:`evaluate_generator` scores pictures with the ShapeWorld oracle.
+- :func:`train_diffusion` is the training recipe (:class:`DiffusionRecipe`; how its defaults were chosen,
+  and where they fall short of the quality bar, is in ``benchmarks/DIFFUSION_RECIPE.md``) on top of the
+  shared loop in :mod:`m2chat_lite.training`; :func:`evaluate_generator` scores pictures with the
+  ShapeWorld oracle.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -432,7 +434,6 @@ class TinyDiffusionPipeline:
             if dtype is None:
                 self.unet.save_pretrained(tmp / UNET_DIR)
             else:
-                import copy
                 copy.deepcopy(self.unet).to(dtype).save_pretrained(tmp / UNET_DIR)
             self.scheduler.save_pretrained(tmp / SCHEDULER_DIR)
             with_text = include_text_encoder and self.text_encoder is not None and self.tokenizer is not None
