@@ -192,11 +192,10 @@ def run_generate(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     import torch
 
-    from .diffusion import TinyDiffusionPipeline
-    from .foundation import REFERENCE_DIR
+    from .diffusion import TinyDiffusionPipeline, reference_pipeline_dir
     from .utils import atomic_write
 
-    pipeline = TinyDiffusionPipeline.from_pretrained(args.model or REFERENCE_DIR / "diffusion")
+    pipeline = TinyDiffusionPipeline.from_pretrained(args.model or reference_pipeline_dir("tiny"))
     kwargs = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance)) if v}
     generator = torch.Generator().manual_seed(args.seed)
     images = pipeline(prompt=[args.prompt] * args.n, generator=generator, **kwargs)

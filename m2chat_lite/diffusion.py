@@ -51,6 +51,7 @@ from . import __version__
 from .config import M2ChatConfig
 from .data import image_to_tensor, tensor_to_image
 from .training import TrainConfig, TrainResult, train
+from .utils import DATA_DIR
 from .world import caption_pairs, render, score
 from .world.samples import scenes_of
 
@@ -569,8 +570,6 @@ def unet_kwargs(recipe: DiffusionRecipe) -> dict:
 
 def reference_pipeline_dir(preset: str = "tiny") -> Path:
     """Where the reference generator of ``preset`` ships: ``data/checkpoints/<preset>/diffusion``."""
-    from .utils import DATA_DIR
-
     return DATA_DIR / "checkpoints" / preset / "diffusion"
 
 

@@ -135,7 +135,7 @@ def train_clip(config: M2ChatConfig, tokenizer, train_config: TrainConfig, batch
                out_dir=None, device: str = "cpu", progress: bool = True,
                moved_fraction: float = 0.0, reshaped_fraction: float = 0.0) -> tuple[CLIPModel, TrainResult]:
     """Train a tiny CLIP from scratch on freshly generated caption pairs (a new batch every step);
-    ``moved_fraction`` of each batch are hard negatives (see :func:`caption_batch`)."""
+    ``moved_fraction`` and ``reshaped_fraction`` of each batch are hard negatives (see :func:`caption_batch`)."""
     torch.manual_seed(train_config.seed)
     clip = build_clip(config, tokenizer).to(device)
 
