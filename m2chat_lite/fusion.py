@@ -1,0 +1,341 @@
+"""Multimodal prompt fusion: pictures go into the LM's input through a projector and a zero-initialised gate.
+
+Taught in notebook ``05_multimodal_prompt_fusion``. The LM of notebook 03 reads token ids; here it learns
+to read pictures too, without being rebuilt:
+
+1. the frozen **vision encoder** (notebook 02) turns a picture into patch features ``[1 + P, d_vision]``;
+2. they are average-pooled to a ``g × g`` grid of ``V = g²`` features (``V = 1`` takes the class token),
+   and a small MLP, the **projector**, maps each to the LM's width: ``V`` visual tokens;
+3. each ``<image>`` placeholder in the prompt stands for one picture; ``expand_image_tokens`` repeats it
+   ``V`` times (one slot per visual token) and the embedding at each slot becomes
+
+       embed(<image>) + tanh(gate) · visual_token
+
+   with ``gate`` a single learned number that **starts at 0**. At step 0 the fused model is therefore
+   exactly the LM reading ``<image>`` placeholders (tested); training opens the gate as far as the
+   pictures help (LLaMA-Adapter's zero-init gating, applied to the input, LLaVA-style).
+
+Everything goes through ``inputs_embeds``, which every ``transformers`` causal LM accepts, so the same
+class wraps the tiny Llama and a pretrained SmolLM2, with or without ``peft`` LoRA adapters.
+
+The class also holds the ``[IMG0..K-1]`` **input embeddings** as their own parameter (a copy of the LM's
+rows, so nothing changes at first): M³FT stage 1 (notebook 07) trains them, and only them, of the LM side.
+
+Training here (``train_fusion``) is visual-question answering on ShapeWorld: the projector, the gate and
+LoRA on the LM learn; the vision encoder and the LM's own weights stay frozen. The loss is on the
+assistant's answer only. ``vqa_accuracy`` scores exact answers with greedy decoding.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Sample, image_to_tensor
+from .tokenizer import END_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, encode_chat, image_gen_tokens, num_image_tokens
+from .training import TrainConfig, TrainResult, train
+from .world.samples import make_samples
+
+LORA_TARGETS = "all-linear"  # peft: every linear layer of the LM except its output head
+
+
+# ---------------------------------------------------------------------------------------------
+# The projector
+# ---------------------------------------------------------------------------------------------
+
+
+class VisualProjector(nn.Module):
+    """Vision features ``[B, 1 + P, d_vision]`` (class token first, then a square grid of ``P`` patches)
+    to ``V`` visual tokens ``[B, V, d_lm]``: pool the patch grid to ``g × g`` (or take the class token
+    when ``V = 1``), then a two-layer MLP (LLaVA-1.5's projector)."""
+
+    def __init__(self, vision_dim: int, lm_dim: int, tokens_per_image: int = 9):
+        super().__init__()
+        grid = math.isqrt(tokens_per_image)
+        if tokens_per_image < 1 or (tokens_per_image > 1 and grid * grid != tokens_per_image):
+            raise ValueError(f"tokens_per_image must be 1 (the class token) or a square number (a pooled grid), "
+                             f"got {tokens_per_image}")
+        self.tokens_per_image, self.grid = tokens_per_image, grid
+        self.mlp = nn.Sequential(nn.LayerNorm(vision_dim), nn.Linear(vision_dim, lm_dim), nn.GELU(),
+                                 nn.Linear(lm_dim, lm_dim))
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, 1 + P, d]`` -> ``[B, V, d]``: the class token, or the patch grid averaged to ``g × g`` cells."""
+        if self.tokens_per_image == 1:
+            return features[:, :1]
+        patches = features[:, 1:]
+        side = math.isqrt(patches.shape[1])
+        if side * side != patches.shape[1]:
+            raise ValueError(f"expected a square grid of patch features after the class token, got "
+                             f"{patches.shape[1]} patches")
+        grid = patches.transpose(1, 2).reshape(len(features), -1, side, side)  # [B, d, side, side]
+        return F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.pool(features))
+
+
+# ---------------------------------------------------------------------------------------------
+# Placeholders: one <image> per picture in the text, V slots per picture in the model
+# ---------------------------------------------------------------------------------------------
+
+
+def expand_image_tokens(input_ids: Sequence[int], labels: Sequence[int] | None, image_id: int,
+                        tokens_per_image: int) -> tuple[list[int], list[int] | None]:
+    """Repeat every ``<image>`` id ``tokens_per_image`` times (labels ``-100`` on the copies).
+
+    ``encode_chat`` writes one ``<image>`` per picture; the fused model needs one slot per visual token."""
+    ids, out_labels = [], [] if labels is not None else None
+    for i, token in enumerate(input_ids):
+        copies = tokens_per_image if token == image_id else 1
+        ids += [token] * copies
+        if out_labels is not None:
+            out_labels += [labels[i]] + [IGNORE_INDEX] * (copies - 1)
+    return ids, out_labels
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused model
+# ---------------------------------------------------------------------------------------------
+
+
+class FusedLM(nn.Module):
+    """A causal LM that reads pictures: ``lm`` (any ``transformers`` causal LM, or a ``peft`` model around
+    one), a frozen ``vision_model`` (``clip.vision_model`` or any module returning ``last_hidden_state``),
+    a :class:`VisualProjector` and the fusion ``gate`` (``tanh(gate)`` scales the visual tokens; 0 at first).
+
+    ``forward(input_ids, pixel_values, ...)`` takes ids with ``V`` ``<image>`` slots per picture (see
+    ``expand_image_tokens``) and the pictures in the order their slots appear (row by row), and returns
+    the LM's output (``loss`` when ``labels`` are given, ``logits``, ``hidden_states`` on request).
+    """
+
+    def __init__(self, lm, vision_model, projector: VisualProjector, tokenizer):
+        super().__init__()
+        self.lm, self.vision_model, self.projector = lm, vision_model, projector
+        self.gate = nn.Parameter(torch.zeros(()))
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        k = num_image_tokens(tokenizer)
+        if k == 0 or self.image_token_id in (None, tokenizer.unk_token_id):
+            raise ValueError("the tokenizer has no <image>/[IMGk] tokens; call add_m2chat_tokens(tokenizer, K) "
+                             "and resize the LM's embeddings first")
+        self.register_buffer("gen_token_ids", torch.tensor(tokenizer.convert_tokens_to_ids(image_gen_tokens(k))),
+                             persistent=False)
+        rows = self.lm.get_input_embeddings().weight[self.gen_token_ids]
+        self.gen_embeddings = nn.Parameter(rows.detach().clone().float())  # [K, d]: trained in M³FT stage 1
+        self.vision_model.requires_grad_(False)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.projector.tokens_per_image
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate.device
+
+    def gate_value(self) -> float:
+        """``tanh(gate)``: how much of the visual tokens reaches the LM (0 = none)."""
+        return float(torch.tanh(self.gate.detach()))
+
+    def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pictures in [-1, 1] ``[N, 3, H, W]`` -> ``[N, V, d_lm]`` (the vision encoder stays frozen)."""
+        train_vision = any(p.requires_grad for p in self.vision_model.parameters())
+        with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
+            features = self.vision_model(pixel_values=pixel_values.to(self.device)).last_hidden_state
+        return self.projector(features.float())
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """``inputs_embeds`` for ``input_ids``: token embeddings, the ``[IMGk]`` rows from ``gen_embeddings``,
+        and ``embed(<image>) + tanh(gate) · visual token`` at the ``<image>`` slots."""
+        embeddings = self.lm.get_input_embeddings()(input_ids)
+        is_gen = input_ids.unsqueeze(-1) == self.gen_token_ids  # [B, L, K]
+        if is_gen.any():
+            gen = is_gen.to(self.gen_embeddings.dtype) @ self.gen_embeddings  # the K rows where they occur
+            embeddings = torch.where(is_gen.any(-1, keepdim=True), gen.to(embeddings.dtype), embeddings)
+        slots = input_ids == self.image_token_id
+        n_slots, n_pictures = int(slots.sum()), 0 if pixel_values is None else len(pixel_values)
+        if n_slots != n_pictures * self.tokens_per_image:
+            raise ValueError(f"the ids hold {n_slots} <image> slots but {n_pictures} pictures were given, which "
+                             f"need {n_pictures * self.tokens_per_image} ({self.tokens_per_image} per picture); "
+                             "expand each <image> with expand_image_tokens and pass one picture per <image>")
+        if n_pictures:
+            visual = self.visual_tokens(pixel_values).reshape(-1, embeddings.shape[-1])
+            scaled = (torch.tanh(self.gate) * visual).to(embeddings.dtype)
+            embeddings = embeddings.masked_scatter(slots.unsqueeze(-1), embeddings[slots] + scaled)
+        return embeddings
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, **lm_kwargs):
+        return self.lm(inputs_embeds=self.embed(input_ids, pixel_values), **lm_kwargs)
+
+
+def build_fused_lm(lm, clip, tokenizer, tokens_per_image: int = 9, lora_rank: int | None = 16,
+                   seed: int = 0) -> FusedLM:
+    """Wrap ``lm`` and ``clip``'s vision tower into a :class:`FusedLM` with a fresh projector; with
+    ``lora_rank``, LoRA adapters (``peft``, every linear layer) are added to the LM and its own weights
+    frozen. The projector's initial weights come from ``seed``."""
+    if lora_rank is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lm = get_peft_model(lm, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                           target_modules=LORA_TARGETS))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        projector = VisualProjector(clip.config.vision_config.hidden_size, lm.config.hidden_size, tokens_per_image)
+    return FusedLM(lm, clip.vision_model, projector, tokenizer).to(lm.device)
+
+
+def set_trainable(model: FusedLM, groups: Sequence[str]) -> list[str]:
+    """Freeze everything, then unfreeze ``groups`` (any of ``projector``, ``gate``, ``lora``,
+    ``gen_embeddings``). Returns the names of the trainable parameters."""
+    known = {"projector", "gate", "lora", "gen_embeddings"}
+    unknown = set(groups) - known
+    if unknown:
+        raise ValueError(f"unknown parameter groups {sorted(unknown)}; choose from {sorted(known)}")
+    model.requires_grad_(False)
+    for name, param in model.named_parameters():
+        group = ("lora" if "lora_" in name else name.split(".")[0])
+        if group in groups:
+            param.requires_grad_(True)
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches of conversations with pictures
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_with_pictures(tokenizer, sample: Sample, tokens_per_image: int, image_size: int,
+                         add_generation_prompt: bool = False) -> dict:
+    """One sample's ``input_ids`` and ``labels`` (the assistant's tokens) with expanded ``<image>`` slots,
+    and its pictures ``[n, 3, H, W]`` in [-1, 1], in order."""
+    messages, pictures = sample.to_messages()
+    encoded = encode_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    ids, labels = expand_image_tokens(encoded["input_ids"], encoded["labels"],
+                                      tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokens_per_image)
+    pixels = [image_to_tensor(p.resize((image_size, image_size)) if p.size != (image_size, image_size) else p)
+              for p in pictures]
+    return {"input_ids": ids, "labels": labels,
+            "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, image_size, image_size)}
+
+
+def collate(items: Sequence[dict], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad encoded items into one batch: ``input_ids``, ``labels``, ``attention_mask``, ``position_ids``
+    (counting real tokens only, so left padding works) and every picture in slot order."""
+    width = max(len(item["input_ids"]) for item in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item["input_ids"])
+        span = slice(width - n, width) if padding_side == "left" else slice(0, n)
+        ids[row, span], mask[row, span] = torch.tensor(item["input_ids"]), 1
+        if item.get("labels") is not None:
+            labels[row, span] = torch.tensor(item["labels"])
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+            "pixel_values": torch.cat([item["pixel_values"] for item in items])}
+
+
+def shifted_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over labelled tokens (the LM's own loss, spelled out)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def fusion_loss(model: FusedLM, batch: dict) -> torch.Tensor:
+    """The LM loss on the labelled (assistant) tokens of a batch from :func:`collate`."""
+    device = model.device
+    out = model(batch["input_ids"].to(device), batch["pixel_values"].to(device),
+                attention_mask=batch["attention_mask"].to(device), position_ids=batch["position_ids"].to(device),
+                use_cache=False)
+    return shifted_loss(out.logits, batch["labels"].to(device))
+
+
+def vqa_batches(tokenizer, tokens_per_image: int, batch_size: int, image_size: int = 32, seed: int = 0,
+                pool_size: int = 20_000):
+    """``make_batch(step)``: ``batch_size`` training visual questions drawn from a pool of ``pool_size``,
+    a function of ``(seed, step)`` only (resumable)."""
+    samples = make_samples("vqa", pool_size, seed=seed, split="train", image_size=image_size)
+    encoded: dict[int, dict] = {}
+
+    def make_batch(step: int) -> dict:
+        rng = random.Random(seed * 1_000_003 + step)
+        picks = rng.sample(range(len(samples)), batch_size)
+        for i in picks:
+            if i not in encoded:
+                encoded[i] = encode_with_pictures(tokenizer, samples[i], tokens_per_image, image_size)
+        return collate([encoded[i] for i in picks], tokenizer.pad_token_id)
+
+    return make_batch
+
+
+def train_fusion(model: FusedLM, tokenizer, train_config: TrainConfig, batch_size: int = 32,
+                 image_size: int = 32, out_dir=None, device: str = "cpu", progress: bool = True,
+                 groups: Sequence[str] = ("projector", "gate", "lora")) -> TrainResult:
+    """Teach ``model`` to answer ShapeWorld visual questions: train ``groups`` (the rest frozen) on the
+    assistant's answers with the shared loop (``training.train``)."""
+    set_trainable(model, groups)
+    model.to(device)
+    make_batch = vqa_batches(tokenizer, model.tokens_per_image, batch_size, image_size, seed=train_config.seed)
+    return train(model, lambda batch: fusion_loss(model, batch), make_batch, train_config, out_dir=out_dir,
+                 device=device, progress=progress, description="prompt fusion")
+
+
+# ---------------------------------------------------------------------------------------------
+# Answering and scoring
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy_replies(model: FusedLM, tokenizer, samples: Sequence[Sample], max_new_tokens: int = 8,
+                   image_size: int = 32, batch_size: int = 64) -> list[str]:
+    """The assistant's greedy reply to each sample's user turn(s) (everything before its last assistant
+    turn), pictures included. Decodes a whole batch at once (left-padded); stops at ``<|end|>``."""
+    end_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
+    was_training = model.training
+    model.eval()
+    replies = []
+    for start in range(0, len(samples), batch_size):
+        chunk = [_prompt_of(s) for s in samples[start:start + batch_size]]
+        items = [encode_with_pictures(tokenizer, s, model.tokens_per_image, image_size, add_generation_prompt=True)
+                 for s in chunk]
+        batch = collate(items, tokenizer.pad_token_id, padding_side="left")
+        ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+        embeds = model.embed(ids, batch["pixel_values"].to(model.device))
+        out_tokens = torch.zeros((len(ids), 0), dtype=torch.long, device=model.device)
+        done = torch.zeros(len(ids), dtype=torch.bool, device=model.device)
+        for _ in range(max_new_tokens):
+            logits = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                              use_cache=False).logits[:, -1]
+            logits[:, model.image_token_id] = float("-inf")  # a picture is put in by the system, never written
+            token = logits.argmax(-1).masked_fill(done, end_id)
+            out_tokens = torch.cat([out_tokens, token[:, None]], 1)
+            done |= token == end_id
+            if done.all():
+                break
+            embeds = torch.cat([embeds, model.embed(token[:, None])], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        for row in out_tokens.tolist():
+            row = row[:row.index(end_id)] if end_id in row else row
+            replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    model.train(was_training)
+    return replies
+
+
+def _prompt_of(sample: Sample) -> Sample:
+    """The sample up to (not including) its last assistant turn: what the model is asked."""
+    last = max(i for i, t in enumerate(sample.turns) if t.role == "assistant")
+    return Sample(sample.id, sample.task, sample.turns[:last], sample.meta)
+
+
+def vqa_accuracy(model: FusedLM, tokenizer, samples: Sequence[Sample], image_size: int = 32) -> dict:
+    """Exact-answer accuracy on visual questions, overall and per question kind, with the replies."""
+    replies = greedy_replies(model, tokenizer, samples, image_size=image_size)
+    right = [r == s.meta["answer"] for r, s in zip(replies, samples)]
+    kinds = sorted({s.meta["kind"] for s in samples})
+    per_kind = {k: sum(ok for ok, s in zip(right, samples) if s.meta["kind"] == k) /
+                max(1, sum(s.meta["kind"] == k for s in samples)) for k in kinds}
+    return {"accuracy": sum(right) / len(samples), "n": len(samples), "per_kind": per_kind, "replies": replies}

@@ -1,0 +1,159 @@
+"""Multimodal prompt fusion (fusion.py): projector, <image> slots, the zero-init gate, training, answering."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from m2chat_lite import backbone, fusion
+from m2chat_lite.config import get_config
+from m2chat_lite.encoders import build_clip
+from m2chat_lite.tokenizer import IGNORE_INDEX, IMAGE_TOKEN
+from m2chat_lite.training import TrainConfig
+from m2chat_lite.utils import set_seed
+from m2chat_lite.world.samples import make_samples
+
+CONFIG = get_config("tiny", lm_hidden_size=32, lm_num_layers=2, lm_num_heads=2, max_seq_len=128,
+                    text_encoder_hidden_size=32, vision_hidden_size=32, vision_num_layers=1,
+                    text_encoder_num_layers=1, pooled_dim=32, cond_dim=32)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return backbone.build_tokenizer(CONFIG, n_per_task=200)
+
+
+@pytest.fixture(scope="module")
+def clip(tok):
+    set_seed(0)
+    return build_clip(CONFIG, tok).eval()
+
+
+def fresh_lm(tok, seed=0):
+    set_seed(seed)
+    return backbone.build_lm(CONFIG, tok).eval()
+
+
+def vqa(n=4, seed=0):
+    return make_samples("vqa", n, seed=seed)
+
+
+def test_projector_pools_the_grid_or_takes_the_class_token():
+    features = torch.randn(2, 1 + 64, 32)
+    for v in (1, 4, 9, 16):
+        assert fusion.VisualProjector(32, 48, v)(features).shape == (2, v, 48)
+    cls = fusion.VisualProjector(32, 48, 1)
+    assert torch.equal(cls.pool(features), features[:, :1])
+    grid = fusion.VisualProjector(32, 48, 4).pool(features)  # 8x8 patches -> 2x2 cells of 4x4 patches
+    top_left = features[:, 1:].reshape(2, 8, 8, 32)[:, :4, :4].mean((1, 2))
+    assert torch.allclose(grid[:, 0], top_left, atol=1e-6)
+    with pytest.raises(ValueError, match="square"):
+        fusion.VisualProjector(32, 48, 5)
+    with pytest.raises(ValueError, match="square grid"):
+        fusion.VisualProjector(32, 48, 4)(torch.randn(1, 1 + 10, 32))
+
+
+def test_expand_image_tokens_repeats_each_placeholder_without_labels():
+    ids, labels = fusion.expand_image_tokens([5, 7, 9, 7, 3], [5, -100, 9, -100, 3], image_id=7, tokens_per_image=3)
+    assert ids == [5, 7, 7, 7, 9, 7, 7, 7, 3]
+    assert labels == [5, -100, -100, -100, 9, -100, -100, -100, 3]
+    assert fusion.expand_image_tokens([7], None, 7, 2) == ([7, 7], None)
+
+
+@pytest.mark.parametrize("lora_rank", [None, 4])
+def test_at_step_zero_the_fused_model_is_exactly_the_lm(tok, clip, lora_rank):
+    """The zero-init gate (and LoRA's zero-init B) leave the LM's outputs unchanged, pictures or not."""
+    reference = fresh_lm(tok)
+    model = fusion.build_fused_lm(fresh_lm(tok), clip, tok, tokens_per_image=4, lora_rank=lora_rank).eval()
+    items = [fusion.encode_with_pictures(tok, s, 4, 32) for s in make_samples("dialogue", 3, seed=1)]
+    batch = fusion.collate(items, tok.pad_token_id)
+    assert len(batch["pixel_values"]) >= 1
+    with torch.no_grad():
+        fused = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"]).logits
+        plain = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert model.gate_value() == 0.0
+    assert torch.equal(fused, plain)
+
+
+def test_an_open_gate_lets_pictures_change_what_follows_them_only(tok, clip):
+    model = fusion.build_fused_lm(fresh_lm(tok), clip, tok, tokens_per_image=4, lora_rank=None).eval()
+    model.gate.data.fill_(1.0)
+    item = fusion.encode_with_pictures(tok, vqa(1)[0], 4, 32)
+    ids = torch.tensor([item["input_ids"]])
+    first_slot = item["input_ids"].index(tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    other = torch.flip(item["pixel_values"], dims=[-1])  # the picture mirrored
+    with torch.no_grad():
+        a = model(ids, item["pixel_values"]).logits
+        b = model(ids, other).logits
+    assert torch.equal(a[:, :first_slot], b[:, :first_slot])  # causal: nothing before the picture changes
+    assert not torch.allclose(a[:, first_slot:], b[:, first_slot:])
+
+
+def test_works_with_any_causal_lm_through_inputs_embeds(tok, clip):
+    set_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=24, n_layer=1, n_head=2, n_positions=128)).eval()
+    model = fusion.build_fused_lm(gpt2, clip, tok, tokens_per_image=1, lora_rank=2).eval()
+    item = fusion.encode_with_pictures(tok, vqa(1)[0], 1, 32)
+    with torch.no_grad():
+        out = model(torch.tensor([item["input_ids"]]), item["pixel_values"]).logits
+    assert out.shape == (1, len(item["input_ids"]), len(tok)) and torch.isfinite(out).all()
+
+
+def test_slot_and_picture_counts_must_agree(tok, clip):
+    model = fusion.build_fused_lm(fresh_lm(tok), clip, tok, tokens_per_image=4, lora_rank=None)
+    item = fusion.encode_with_pictures(tok, vqa(1)[0], 4, 32)
+    ids = torch.tensor([item["input_ids"]])
+    with pytest.raises(ValueError, match="expand_image_tokens"):
+        model(ids, None)
+    with pytest.raises(ValueError, match="4 per picture"):
+        model(ids, torch.cat([item["pixel_values"]] * 2))
+
+
+def test_gen_embeddings_start_as_the_lm_rows_and_replace_them(tok, clip):
+    model = fusion.build_fused_lm(fresh_lm(tok), clip, tok, lora_rank=None)
+    ids = model.gen_token_ids[None]
+    assert torch.equal(model.embed(ids), model.lm.get_input_embeddings()(ids))
+    model.gen_embeddings.data += 1.0
+    assert torch.allclose(model.embed(ids), model.lm.get_input_embeddings()(ids) + 1.0)
+
+
+def test_set_trainable_unfreezes_only_the_named_groups(tok, clip):
+    model = fusion.build_fused_lm(fresh_lm(tok), clip, tok, lora_rank=4)
+    names = fusion.set_trainable(model, ["projector", "gate"])
+    assert names and all(n == "gate" or n.startswith("projector.") for n in names)
+    names = fusion.set_trainable(model, ["lora"])
+    assert names and all("lora_" in n for n in names)
+    assert fusion.set_trainable(model, ["gen_embeddings"]) == ["gen_embeddings"]
+    with pytest.raises(ValueError, match="unknown parameter groups"):
+        fusion.set_trainable(model, ["vision"])
+
+
+def test_training_opens_the_gate_lowers_the_loss_and_leaves_frozen_weights_alone(tok, clip):
+    model = fusion.build_fused_lm(fresh_lm(tok), clip, tok, tokens_per_image=4, lora_rank=4)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+              if n.startswith("vision_model.") or ("base_layer" in n) or "embed_tokens" in n or n == "gen_embeddings"}
+    result = fusion.train_fusion(model, tok, TrainConfig(max_steps=30, lr=3e-3, warmup_steps=3, log_every=5),
+                                 batch_size=8, progress=False)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert model.gate_value() != 0.0
+    for name, before in frozen.items():
+        assert torch.equal(dict(model.named_parameters())[name], before), name
+
+
+def test_left_padded_batches_count_positions_from_the_first_real_token(tok):
+    items = [{"input_ids": [1, 2, 3], "labels": None, "pixel_values": torch.zeros(0, 3, 32, 32)},
+             {"input_ids": [4], "labels": [4], "pixel_values": torch.zeros(0, 3, 32, 32)}]
+    batch = fusion.collate(items, pad_id=0, padding_side="left")
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert batch["position_ids"][1].tolist()[-1] == 0 and batch["attention_mask"][1].tolist() == [0, 0, 1]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX] * 3, [IGNORE_INDEX, IGNORE_INDEX, 4]]
+
+
+def test_greedy_replies_answer_in_words_and_match_one_at_a_time(tok, clip):
+    model = fusion.build_fused_lm(fresh_lm(tok), clip, tok, tokens_per_image=4, lora_rank=None)
+    model.gate.data.fill_(0.5)
+    samples = vqa(5, seed=3)
+    batched = fusion.greedy_replies(model, tok, samples, max_new_tokens=4, batch_size=5)
+    single = [fusion.greedy_replies(model, tok, [s], max_new_tokens=4)[0] for s in samples]
+    assert batched == single and all(isinstance(r, str) and IMAGE_TOKEN not in r for r in batched)
+    scores = fusion.vqa_accuracy(model, tok, samples)
+    assert 0.0 <= scores["accuracy"] <= 1.0 and scores["n"] == 5 and len(scores["replies"]) == 5
