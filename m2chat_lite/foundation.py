@@ -30,7 +30,8 @@ from .data import image_to_tensor
 from .training import TrainConfig
 from .utils import DATA_DIR, atomic_write_json, get_device, set_seed
 
-STAGES = ("clip", "lm", "diffusion")
+STAGES = ("clip", "lm", "diffusion")  # the foundation models, in order
+M2CHAT_STAGES = ("fusion",)  # M²Chat's own training on top of them (needs clip and lm in the same folder)
 REFERENCE_DIR = DATA_DIR / "checkpoints" / "tiny"
 
 # The reference budgets (optimizer steps) and settings; `steps` on the command line scales nothing else.
@@ -39,6 +40,8 @@ RECIPE = {
              "moved_fraction": 0.25, "reshaped_fraction": 0.0},
     "lm": {"steps": 800, "lr": 4e-3, "warmup_steps": 50, "weight_decay": 0.01, "rows": 8, "n_per_task": 5000},
     "diffusion": {"steps": 1400, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.0, "ema_decay": 0.995},
+    "fusion": {"steps": 3000, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
+               "tokens_per_image": 9, "lora_rank": 16},
 }
 
 
@@ -71,8 +74,9 @@ def clip_metrics(clip, tokenizer, device: str = "cpu") -> dict:
 def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | None = None, seed: int = 0,
               device: str | None = None, progress: bool = True) -> dict:
     """Train one stage into ``out_dir/<stage>``, measure it, record it in the manifest; returns the record."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)} (or 'foundation' for all three)")
+    if stage not in STAGES + M2CHAT_STAGES:
+        raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES + M2CHAT_STAGES)} "
+                         "(or 'foundation' for the first three)")
     if steps is not None and steps <= 0:
         raise ValueError(f"the budget must be positive; got --steps {steps}")
     if minutes is not None and minutes <= 0:
@@ -105,6 +109,23 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
         seconds = time.perf_counter() - start
         metrics = benchmark_perplexity(model, tokenizer, split="test", device=device)
         save_lm(model, tokenizer, out_dir / "lm")
+    elif stage == "fusion":
+        from .backbone import load_lm
+        from .encoders import load_clip
+        from .fusion import build_fused_lm, save_fused, train_fusion, vqa_accuracy
+
+        r = RECIPE["fusion"]
+        lm, tokenizer = load_lm(out_dir / "lm", device=device)
+        clip, _ = load_clip(out_dir / "clip", device=device)
+        model = build_fused_lm(lm, clip, tokenizer, tokens_per_image=r["tokens_per_image"], lora_rank=r["lora_rank"],
+                               seed=seed)
+        result = train_fusion(model, tokenizer, train_config, batch_size=r["batch_size"], out_dir=state_dir,
+                              device=device, progress=progress)
+        seconds = time.perf_counter() - start
+        metrics = {split: {k: v for k, v in vqa_accuracy(model, tokenizer, load_benchmark("vqa", split=split)).items()
+                           if k != "replies"} for split in ("test", "heldout")}
+        metrics["gate"] = model.gate_value()
+        save_fused(model, out_dir / "fusion")
     else:
         from .diffusion import TinyDiffusionPipeline, evaluate_generator, train_diffusion
         from .encoders import load_clip

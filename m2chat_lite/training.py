@@ -100,13 +100,15 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 def train(model: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor], make_batch: Callable[[int], object],
           config: TrainConfig, out_dir: str | Path | None = None, device: str = "cpu",
-          progress: bool = True, description: str = "training") -> TrainResult:
+          progress: bool = True, description: str = "training",
+          log_extra: Callable[[], dict] | None = None) -> TrainResult:
     """Train the parameters of ``model`` that require grad by minimising ``loss_fn(batch)``.
 
     ``make_batch(step)`` gives the batch for a step: a function of the step index, so a resumed run sees
     exactly the data an uninterrupted one would. With ``out_dir``, training resumes from
     ``out_dir/trainer_state.pt`` if it exists and checkpoints there. Afterwards, if ``ema_decay`` is set,
-    the EMA weights are copied into ``model``.
+    the EMA weights are copied into ``model``. ``log_extra()``, if given, adds its entries to each history
+    record (the fusion gate's value, say, to plot it opening).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -154,7 +156,8 @@ def train(model: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor], mak
         step += 1
         running += loss.item()
         if step % config.log_every == 0:
-            history.append({"step": step, "loss": running / config.log_every, "lr": scheduler.get_last_lr()[0]})
+            history.append({"step": step, "loss": running / config.log_every, "lr": scheduler.get_last_lr()[0],
+                            **(log_extra() if log_extra else {})})
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
             running = 0.0
         bar.update(1)

@@ -157,3 +157,27 @@ def test_greedy_replies_answer_in_words_and_match_one_at_a_time(tok, clip):
     assert batched == single and all(isinstance(r, str) and IMAGE_TOKEN not in r for r in batched)
     scores = fusion.vqa_accuracy(model, tok, samples)
     assert 0.0 <= scores["accuracy"] <= 1.0 and scores["n"] == 5 and len(scores["replies"]) == 5
+
+
+def test_save_and_load_round_trip_shares_the_lm_and_clip_folders(tok, clip, tmp_path):
+    from m2chat_lite.encoders import save_clip
+
+    backbone.save_lm(fresh_lm(tok), tok, tmp_path / "lm")
+    save_clip(clip, tok, tmp_path / "clip")
+    lm, _ = backbone.load_lm(tmp_path / "lm")
+    model = fusion.build_fused_lm(lm, clip, tok, tokens_per_image=4, lora_rank=4)
+    fusion.train_fusion(model, tok, TrainConfig(max_steps=3, lr=1e-2, warmup_steps=1, log_every=1), batch_size=4,
+                        progress=False)
+    fusion.save_fused(model, tmp_path / "fusion")
+    assert sorted(p.name for p in (tmp_path / "fusion").iterdir()) == ["fusion.safetensors", "fusion_config.json", "lora"]
+    again, tok2 = fusion.load_fused(tmp_path / "fusion")
+    item = fusion.encode_with_pictures(tok, vqa(1)[0], 4, 32)
+    with torch.no_grad():
+        a = model.eval()(torch.tensor([item["input_ids"]]), item["pixel_values"]).logits
+        b = again(torch.tensor([item["input_ids"]]), item["pixel_values"]).logits
+    assert torch.allclose(a, b, atol=1e-5) and again.gate_value() == model.gate_value() != 0
+    (tmp_path / "fusion" / "fusion.safetensors").write_bytes(b"damaged")
+    with pytest.raises(ValueError, match="cannot load the fused model"):
+        fusion.load_fused(tmp_path / "fusion")
+    with pytest.raises(FileNotFoundError, match="stage fusion"):
+        fusion.load_fused(tmp_path / "nowhere")
