@@ -668,6 +668,11 @@ GROUPS = {1: "1 object", 2: "2 objects", 3: "3 objects"}
 SCORE_KEYS = ("exact", "position", "shape", "color", "size", "count")
 
 
+def _noise(size: int, seed: int, index: int) -> torch.Tensor:
+    """The starting noise of picture ``index`` of a run seeded ``seed`` (the same whatever the batching)."""
+    return torch.randn(3, size, size, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
+
+
 def generate_for_prompts(pipeline: TinyDiffusionPipeline, prompts: Sequence[str], seed: int = 0,
                          batch_size: int = 50, **kwargs) -> list[PIL.Image.Image]:
     """One picture per prompt; prompt ``i`` always starts from the same noise (seed ``seed``, index ``i``),
@@ -676,9 +681,22 @@ def generate_for_prompts(pipeline: TinyDiffusionPipeline, prompts: Sequence[str]
     size = pipeline.image_size
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
-        latents = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(
-            seed * 1_000_003 + start + i)) for i in range(len(chunk))])
+        latents = torch.stack([_noise(size, seed, start + i) for i in range(len(chunk))])
         images += pipeline(prompt=chunk, latents=latents, **kwargs)
+    return images
+
+
+def generate_for_embeds(pipeline: TinyDiffusionPipeline, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
+                        seed: int = 0, batch_size: int = 50, **kwargs) -> list[PIL.Image.Image]:
+    """Like :func:`generate_for_prompts` for precomputed embeddings (the M³Adapter's): picture ``i`` starts
+    from the same noise as prompt ``i`` there, so the two can be compared picture by picture."""
+    images = []
+    size = pipeline.image_size
+    for start in range(0, len(prompt_embeds), batch_size):
+        end = min(start + batch_size, len(prompt_embeds))
+        latents = torch.stack([_noise(size, seed, i) for i in range(start, end)])
+        images += pipeline(prompt_embeds=prompt_embeds[start:end], pooled_prompt_embeds=pooled[start:end],
+                           latents=latents, **kwargs)
     return images
 
 
@@ -693,16 +711,25 @@ def evaluate_generator(pipeline: TinyDiffusionPipeline, samples, seed: int = 0, 
     ``color``, ``size``: per object; ``count``). Also ``seconds_per_image``. ``kwargs`` go to the pipeline
     (``num_inference_steps``, ``guidance_scale``).
     """
+    samples = _caption_samples(samples)
+    start = time.perf_counter()
+    images = generate_for_prompts(pipeline, [s.meta["caption"] for s in samples], seed=seed,
+                                  batch_size=batch_size, **kwargs)
+    return score_pictures(samples, images, time.perf_counter() - start, return_images)
+
+
+def _caption_samples(samples) -> list:
     samples = list(samples)
     if not samples:
-        raise ValueError("evaluate_generator needs at least one caption sample")
+        raise ValueError("evaluation needs at least one caption sample")
     bad = [s.id for s in samples if s.task != "caption" or "caption" not in s.meta]
     if bad:
-        raise ValueError(f"evaluate_generator scores caption samples (load_benchmark('caption')); not: {bad[:3]}")
-    prompts = [s.meta["caption"] for s in samples]
-    start = time.perf_counter()
-    images = generate_for_prompts(pipeline, prompts, seed=seed, batch_size=batch_size, **kwargs)
-    seconds = time.perf_counter() - start
+        raise ValueError(f"the generator is scored on caption samples (load_benchmark('caption')); not: {bad[:3]}")
+    return samples
+
+
+def score_pictures(samples, images, seconds: float | None = None, return_images: bool = False) -> dict:
+    """Oracle scores of ``images`` against the scenes of caption ``samples`` (see :func:`evaluate_generator`)."""
     rows = []
     for sample, image in zip(samples, images):
         target = scenes_of(sample)[0]
@@ -717,7 +744,8 @@ def evaluate_generator(pipeline: TinyDiffusionPipeline, samples, seed: int = 0, 
                 groups[name] = _mean_scores(chosen)
         groups["all"] = _mean_scores([r[2] for r in in_split])
         results[split] = groups
-    results["seconds_per_image"] = seconds / len(samples)
+    if seconds is not None:
+        results["seconds_per_image"] = seconds / len(samples)
     if return_images:
         results["images"] = images
     return results

@@ -190,6 +190,17 @@ class FusedLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, **lm_kwargs):
         return self.lm(inputs_embeds=self.embed(input_ids, pixel_values), **lm_kwargs)
 
+    def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """The LM's last-layer hidden states ``[B, L, d]``, after its final norm: what the M³Adapter reads.
+
+        One function for training and for generation, so both condition on the same states (the official
+        code trained on normed states and generated from un-normed ones)."""
+        body = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        return body.base_model(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False).last_hidden_state
+
 
 def build_fused_lm(lm, clip, tokenizer, tokens_per_image: int = 9, lora_rank: int | None = 16,
                    seed: int = 0, feature_layers: Sequence[int] = FEATURE_LAYERS) -> FusedLM:

@@ -1,0 +1,357 @@
+"""M³FT: the two training stages of M²Chat, on disjoint groups of parameters.
+
+Taught in notebooks ``07_m3ft_stage1_alignment`` and ``08_m3ft_stage2_instruction``. The system being
+trained (:class:`M2ChatModel`) is the fused LM of notebook 05, the M³Adapter of notebook 06 and the frozen
+generator of notebook 04, whose text encoder is the *teacher*.
+
+**Stage 1, image–text alignment** (``stage1_loss``). Only the adapter and the ``[IMG0..K-1]`` input
+embeddings train. For a conversation that ends with the assistant drawing a picture, the LM reads it up to
+the ``[IMG]`` span; the adapter turns the hidden states over that span (and the reference picture: the one
+before, if any) into ``prompt_embeds`` and a pooled embedding, and
+
+    L = L_diffusion + λ1 · MSE(prompt_embeds, E_text(caption)) + λ2 · MSE(pooled, E_pool(caption))
+
+where ``L_diffusion`` is the frozen generator's denoising loss on the target picture conditioned on the
+adapter's output, and ``E_text`` / ``E_pool`` are the teacher's sequence and pooled embeddings of the
+target scene's caption. The examples (``alignment_examples``) are caption pairs (no reference) and the
+pictures of stories and dialogues (the picture before as the reference: a story frame changes one thing,
+a dialogue edit changes one attribute), so the adapter's visual branch and gate have something to learn.
+
+**Stage 2, visual instruction** (``stage2_loss``). A disjoint group trains: LoRA on the LM, the projector and
+the fusion gate (notebook 05); the adapter is frozen (its gate too, unless ``train_adapter_gate=True``, which
+only the gate ablations of notebook 10 use). The loss is the LM's loss on the assistant's tokens of stories,
+dialogues and visual questions: the words, and when to write the ``[IMG]`` span.
+
+``trainable_groups(stage)`` names each stage's parameters; ``check_disjoint`` proves the two stages share
+none (tested, with a test that frozen weights do not move).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import world
+from .adapter import AdapterConfig, AdapterOutput, M3Adapter, condition_span, gather_spans
+from .data import Image, Sample, Text, Turn, image_to_tensor
+from .diffusion import diffusion_loss
+from .encoders import encode_text
+from .fusion import FusedLM, collate, encode_with_pictures, set_trainable
+from .tokenizer import image_gen_tokens
+from .training import TrainConfig, TrainResult, train
+from .world.samples import make_samples, scenes_of
+
+STAGES = ("stage1", "stage2")
+CONTEXT_TOKENS = 32  # words before the [IMG] span that the semantic branch reads
+VISUAL_LAYER = 0  # the vision encoder layer the adapter's visual branch reads: low-level patch features
+
+
+class M2ChatModel(nn.Module):
+    """The trainable system: ``fused`` (LM + vision + projector + gate), ``adapter``, and the frozen
+    generator pieces ``unet``, ``scheduler`` (for training) and ``teacher`` (the generator's CLIP text
+    encoder, with ``teacher_tokenizer``)."""
+
+    def __init__(self, fused: FusedLM, adapter: M3Adapter, unet, scheduler, teacher, teacher_tokenizer,
+                 context_tokens: int = CONTEXT_TOKENS, visual_layer: int = VISUAL_LAYER):
+        super().__init__()
+        self.fused, self.adapter, self.unet, self.teacher = fused, adapter, unet, teacher
+        self.scheduler, self.teacher_tokenizer = scheduler, teacher_tokenizer
+        self.context_tokens, self.visual_layer = context_tokens, visual_layer
+        self.unet.requires_grad_(False)
+        self.teacher.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.fused.device
+
+    def reference_features(self, pictures: torch.Tensor) -> torch.Tensor:
+        """Low-level patch features ``[N, 1 + P, d_vision]`` of reference pictures (frozen encoder)."""
+        with torch.no_grad():
+            out = self.fused.vision_model(pixel_values=pictures.to(self.device), output_hidden_states=True)
+        return out.hidden_states[self.visual_layer].float()
+
+    def condition(self, batch: dict, return_attention: bool = False) -> AdapterOutput:
+        """The adapter's conditioning for the **last** ``[IMG]`` span of each row of ``batch`` (see
+        :func:`alignment_batch`): LM hidden states over the span, plus the reference picture."""
+        device = self.device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        hidden = self.fused.hidden_states(ids, batch["pixel_values"].to(device), attention_mask=mask,
+                                          position_ids=batch["position_ids"].to(device))
+        spans = condition_span(ids, self.fused.gen_token_ids, self.context_tokens, mask)
+        last = {row: (row, start, end) for row, start, end in spans}  # later spans overwrite earlier ones
+        if sorted(last) != list(range(len(ids))):
+            raise ValueError("every row must end with an [IMG0..K-1] span to condition on")
+        states, state_mask = gather_spans(hidden, [last[row] for row in range(len(ids))])
+        visual = self.reference_features(batch["reference"])
+        return self.adapter(states, state_mask, visual, has_reference=batch["has_reference"].to(device),
+                            return_attention=return_attention)
+
+
+def build_m2chat(fused: FusedLM, pipeline, config, gate_mode: str = "adaptive", seed: int = 0,
+                 num_layers: int | None = None) -> M2ChatModel:
+    """A fresh adapter (from ``seed``) sized from the fused LM, the vision encoder and the generator's text
+    encoder, around ``fused`` and the diffusion ``pipeline`` (notebook 04)."""
+    teacher = pipeline.text_encoder
+    if teacher is None:
+        raise ValueError("the pipeline has no text encoder; M³FT needs it as the teacher (load it with its CLIP)")
+    adapter_config = AdapterConfig(
+        lm_dim=fused.lm.config.hidden_size, vision_dim=fused.vision_model.config.hidden_size,
+        cond_dim=teacher.config.text_config.hidden_size, pooled_dim=teacher.config.projection_dim,
+        num_queries=teacher.config.text_config.max_position_embeddings,
+        num_layers=num_layers or config.adapter_num_layers, num_heads=config.adapter_num_heads, gate_mode=gate_mode)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        adapter = M3Adapter(adapter_config)
+    return M2ChatModel(fused, adapter, pipeline.unet, pipeline.training_scheduler(), teacher,
+                       pipeline.tokenizer).to(fused.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which parameters each stage trains
+# ---------------------------------------------------------------------------------------------
+
+
+def trainable_groups(stage: str, train_adapter_gate: bool = False) -> dict[str, Sequence[str]]:
+    """``{"fused": groups for fusion.set_trainable, "adapter": "all" | "gate" | "none"}`` for a stage."""
+    if stage == "stage1":
+        return {"fused": ["gen_embeddings"], "adapter": "all"}
+    if stage == "stage2":
+        return {"fused": ["lora", "projector", "gate"], "adapter": "gate" if train_adapter_gate else "none"}
+    raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+
+
+def set_stage(model: M2ChatModel, stage: str, train_adapter_gate: bool = False) -> list[str]:
+    """Freeze everything, then unfreeze the stage's groups. Returns the trainable parameter names."""
+    groups = trainable_groups(stage, train_adapter_gate)
+    model.requires_grad_(False)
+    set_trainable(model.fused, groups["fused"])
+    if groups["adapter"] == "all":
+        model.adapter.requires_grad_(True)
+    elif groups["adapter"] == "gate":
+        model.adapter.static_gate.requires_grad_(True)
+        model.adapter.adaptive_gate.requires_grad_(True)
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def check_disjoint(model: M2ChatModel) -> tuple[set[str], set[str]]:
+    """The parameter names stage 1 and stage 2 train; raises if they share any."""
+    first, second = set(set_stage(model, "stage1")), set(set_stage(model, "stage2"))
+    shared = first & second
+    if shared:
+        raise AssertionError(f"stage 1 and stage 2 both train {sorted(shared)[:5]}")
+    return first, second
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1 data: conversations that end with a drawn picture
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AlignmentExample:
+    sample: Sample  # the conversation up to and including the target picture
+    caption: str  # what the teacher reads: the target scene described in full
+    target: object  # the target picture (PIL)
+    reference: object | None  # the picture before it in the conversation, if any
+
+
+def _cut_after_picture(sample: Sample, turn_index: int, picture_index: int) -> Sample:
+    """The conversation up to turn ``turn_index``, whose content ends at its ``picture_index``-th picture."""
+    turns = sample.turns[:turn_index]
+    content, seen = [], 0
+    for segment in sample.turns[turn_index].content:
+        content.append(segment)
+        if isinstance(segment, Image):
+            if seen == picture_index:
+                break
+            seen += 1
+    return Sample(sample.id, sample.task, turns + [Turn(sample.turns[turn_index].role, content)], sample.meta)
+
+
+def examples_of(sample: Sample, rng: random.Random | None = None) -> list[AlignmentExample]:
+    """Every picture the assistant draws in ``sample``, as an alignment example (or one, chosen by ``rng``)."""
+    scenes = scenes_of(sample)
+    pictures = sample.images()
+    found, index = [], 0
+    for t, turn in enumerate(sample.turns):
+        drawn = 0
+        for segment in turn.content:
+            if not isinstance(segment, Image):
+                continue
+            if turn.role == "assistant":
+                found.append(AlignmentExample(_cut_after_picture(sample, t, drawn), world.caption(scenes[index]),
+                                              pictures[index].load(), pictures[index - 1].load() if index else None))
+                drawn += 1
+            index += 1
+    if rng is not None and found:
+        return [rng.choice(found)]
+    return found
+
+
+def alignment_examples(n: int, seed: int = 0, split: str = "train", tasks: Sequence[str] = ("caption", "story", "dialogue"),
+                       image_size: int = 32) -> list[AlignmentExample]:
+    """``n`` examples, evenly from ``tasks`` (one drawn picture per conversation), deterministic from ``seed``."""
+    rng = random.Random(f"alignment-{seed}-{split}")
+    out = []
+    per_task = -(-n // len(tasks))
+    for task in tasks:
+        made = []
+        for sample in make_samples(task, 3 * per_task, seed=seed, split=split, image_size=image_size):
+            made += examples_of(sample, rng)
+            if len(made) >= per_task:
+                break
+        out += made[:per_task]
+    return out[:n]
+
+
+def alignment_batch(model: M2ChatModel, tokenizer, examples: Sequence[AlignmentExample], image_size: int = 32) -> dict:
+    """A batch for :meth:`M2ChatModel.condition` and :func:`stage1_loss`: the conversations cut right after
+    their last ``[IMG0..K-1]`` (the target picture itself is not in the LM's input), the pictures before it,
+    the reference pictures, and the targets (pictures and captions)."""
+    k = len(model.fused.gen_token_ids)
+    last_gen = tokenizer.convert_tokens_to_ids(image_gen_tokens(k)[-1])
+    items = []
+    for example in examples:
+        item = encode_with_pictures(tokenizer, example.sample, model.fused.tokens_per_image, image_size)
+        cut = len(item["input_ids"]) - item["input_ids"][::-1].index(last_gen)
+        items.append({"input_ids": item["input_ids"][:cut], "labels": None, "pixel_values": item["pixel_values"][:-1]})
+    batch = collate(items, tokenizer.pad_token_id)
+    blank = torch.zeros(3, image_size, image_size)
+    batch["reference"] = torch.stack([image_to_tensor(e.reference) if e.reference is not None else blank
+                                      for e in examples])
+    batch["has_reference"] = torch.tensor([e.reference is not None for e in examples])
+    batch["target"] = torch.stack([image_to_tensor(e.target) for e in examples])
+    batch["captions"] = [e.caption for e in examples]
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The losses
+# ---------------------------------------------------------------------------------------------
+
+
+def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda_pooled: float = 1.0,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """``L_diffusion + λ1·MSE(seq) + λ2·MSE(pooled)`` and its parts (floats, for logging)."""
+    device = model.device
+    condition = model.condition(batch)
+    with torch.no_grad():
+        teacher_seq, teacher_pooled = encode_text(model.teacher, model.teacher_tokenizer, batch["captions"], device)
+    l_diffusion = diffusion_loss(model.unet, model.scheduler, batch["target"].to(device), condition.prompt_embeds,
+                                 condition.pooled, generator=generator)
+    l_seq = F.mse_loss(condition.prompt_embeds, teacher_seq)
+    l_pooled = F.mse_loss(condition.pooled, teacher_pooled)
+    loss = l_diffusion + lambda_seq * l_seq + lambda_pooled * l_pooled
+    gate = condition.gate[batch["has_reference"].to(device)]
+    parts = {"diffusion": l_diffusion.item(), "seq_mse": l_seq.item(), "pooled_mse": l_pooled.item(),
+             "gate": gate.mean().item() if gate.numel() else 0.0}
+    return loss, parts
+
+
+def stage2_samples(n: int, seed: int = 0, split: str = "train",
+                   mix: dict[str, float] | None = None, image_size: int = 32) -> list[Sample]:
+    """Stage 2's data: stories, dialogues and visual questions (shares from ``mix``), shuffled."""
+    mix = mix or {"story": 0.35, "dialogue": 0.35, "vqa": 0.3}
+    samples = []
+    for task, share in mix.items():
+        samples += make_samples(task, max(1, round(n * share)), seed=seed, split=split, image_size=image_size)
+    random.Random(f"stage2-{seed}").shuffle(samples)
+    return samples
+
+
+def stage2_loss(model: M2ChatModel, batch: dict) -> torch.Tensor:
+    """The LM's loss on the assistant's tokens (words and ``[IMG]`` spans), pictures in context."""
+    from .fusion import fusion_loss
+
+    return fusion_loss(model.fused, batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch_size: int = 32,
+                 pool_size: int = 6000, lambda_seq: float = 1.0, lambda_pooled: float = 1.0, out_dir=None,
+                 device: str = "cpu", progress: bool = True) -> TrainResult:
+    """Stage 1 with the shared loop: adapter and ``[IMG]`` embeddings learn, all else is frozen."""
+    set_stage(model, "stage1")
+    model.to(device)
+    examples = alignment_examples(pool_size, seed=train_config.seed)
+    last_parts: dict[str, float] = {}
+
+    def make_batch(step: int) -> dict:
+        rng = random.Random(train_config.seed * 1_000_003 + step)
+        return alignment_batch(model, tokenizer, rng.sample(examples, batch_size))
+
+    def loss_fn(batch: dict) -> torch.Tensor:
+        loss, parts = stage1_loss(model, batch, lambda_seq, lambda_pooled)
+        last_parts.update(parts)
+        return loss
+
+    return train(model, loss_fn, make_batch, train_config, out_dir=out_dir, device=device, progress=progress,
+                 description="M³FT stage 1", log_extra=lambda: dict(last_parts))
+
+
+def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch_size: int = 32,
+                 pool_size: int = 6000, train_adapter_gate: bool = False, out_dir=None, device: str = "cpu",
+                 progress: bool = True) -> TrainResult:
+    """Stage 2 with the shared loop: LoRA, projector and fusion gate learn; the adapter is frozen."""
+    set_stage(model, "stage2", train_adapter_gate)
+    model.to(device)
+    samples = stage2_samples(pool_size, seed=train_config.seed)
+    encoded: dict[int, dict] = {}
+
+    def make_batch(step: int) -> dict:
+        rng = random.Random(train_config.seed * 1_000_003 + step)
+        picks = rng.sample(range(len(samples)), batch_size)
+        for i in picks:
+            if i not in encoded:
+                encoded[i] = encode_with_pictures(tokenizer, samples[i], model.fused.tokens_per_image, 32)
+        return collate([encoded[i] for i in picks], tokenizer.pad_token_id)
+
+    return train(model, lambda batch: stage2_loss(model, batch), make_batch, train_config, out_dir=out_dir,
+                 device=device, progress=progress, description="M³FT stage 2",
+                 log_extra=lambda: {"fusion_gate": model.fused.gate_value()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring stage 1: LM -> adapter -> generator, against the teacher text encoder
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def caption_conditions(model: M2ChatModel, tokenizer, samples: Sequence[Sample], batch_size: int = 50
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's ``(prompt_embeds, pooled)`` for caption samples: the user's caption, then the
+    assistant's ``[IMG0..K-1]`` span given (teacher-forced), the LM's hidden states through the adapter."""
+    was_training = model.training
+    model.eval()
+    embeds, pooled = [], []
+    examples = [example for s in samples for example in examples_of(s)]
+    for start in range(0, len(examples), batch_size):
+        out = model.condition(alignment_batch(model, tokenizer, examples[start:start + batch_size]))
+        embeds.append(out.prompt_embeds)
+        pooled.append(out.pooled)
+    model.train(was_training)
+    return torch.cat(embeds), torch.cat(pooled)
+
+
+def evaluate_alignment(model: M2ChatModel, tokenizer, pipeline, samples: Sequence[Sample], seed: int = 0,
+                       batch_size: int = 50, return_images: bool = False, **kwargs) -> dict:
+    """Oracle scores of the pictures drawn from the LM through the adapter for benchmark caption samples,
+    in the same format as ``diffusion.evaluate_generator`` (the teacher row), from the same noise."""
+    import time
+
+    from .diffusion import _caption_samples, generate_for_embeds, score_pictures
+
+    samples = _caption_samples(samples)
+    start = time.perf_counter()
+    embeds, pooled = caption_conditions(model, tokenizer, samples, batch_size)
+    images = generate_for_embeds(pipeline, embeds, pooled, seed=seed, batch_size=batch_size, **kwargs)
+    return score_pictures(samples, images, time.perf_counter() - start, return_images)

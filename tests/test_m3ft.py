@@ -1,0 +1,143 @@
+"""M³FT (m3ft.py): the system container, alignment examples, the two stages' losses, disjoint groups."""
+
+import pytest
+import torch
+
+from m2chat_lite import backbone, diffusion as D, fusion, m3ft
+from m2chat_lite.config import get_config
+from m2chat_lite.encoders import build_clip
+from m2chat_lite.tokenizer import IMAGE_TOKEN
+from m2chat_lite.training import TrainConfig
+from m2chat_lite.utils import set_seed
+from m2chat_lite.world.samples import make_samples
+
+CONFIG = get_config("tiny", lm_hidden_size=32, lm_num_layers=2, lm_num_heads=2, max_seq_len=256,
+                    text_encoder_hidden_size=32, vision_hidden_size=32, vision_num_layers=1,
+                    text_encoder_num_layers=1, pooled_dim=24, cond_dim=32, unet_block_channels=(8, 16),
+                    adapter_num_heads=4)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return backbone.build_tokenizer(CONFIG, n_per_task=200)
+
+
+def system(tok, gate_mode="adaptive", seed=0):
+    set_seed(seed)
+    clip = build_clip(CONFIG, tok).eval()
+    lm = backbone.build_lm(CONFIG, tok)
+    fused = fusion.build_fused_lm(lm, clip, tok, tokens_per_image=4, lora_rank=4)
+    unet = D.build_unet(CONFIG)
+    _, sampler = D.build_schedulers()
+    pipeline = D.TinyDiffusionPipeline(unet, sampler, clip, tok, {"num_inference_steps": 3})
+    return m3ft.build_m2chat(fused, pipeline, CONFIG, gate_mode=gate_mode)
+
+
+def test_examples_cover_every_drawn_picture_with_the_one_before_as_reference():
+    story = make_samples("story", 1, seed=2)[0]
+    examples = m3ft.examples_of(story)
+    pictures = story.images()
+    assert len(examples) == len(pictures) >= 3
+    assert examples[0].reference is None
+    for i, example in enumerate(examples):
+        assert example.target.tobytes() == pictures[i].load().tobytes()
+        assert example.sample.images()[-1].load().tobytes() == pictures[i].load().tobytes()  # cut after it
+        if i:
+            assert example.reference.tobytes() == pictures[i - 1].load().tobytes()
+    dialogue = make_samples("dialogue", 20, seed=0)
+    uploads = [d for d in dialogue if d.meta["turns"][0]["kind"] == "upload" and m3ft.examples_of(d)]
+    assert uploads and m3ft.examples_of(uploads[0])[0].reference is not None  # the uploaded picture
+    caption = m3ft.examples_of(make_samples("caption", 1)[0])
+    assert len(caption) == 1 and caption[0].reference is None
+
+
+def test_alignment_examples_are_deterministic_and_mixed():
+    a = m3ft.alignment_examples(12, seed=3)
+    b = m3ft.alignment_examples(12, seed=3)
+    assert [e.caption for e in a] == [e.caption for e in b] and len(a) == 12
+    assert {e.sample.task for e in a} == {"caption", "story", "dialogue"}
+
+
+def test_the_batch_stops_right_after_the_img_span_and_conditions_on_it(tok):
+    model = system(tok)
+    examples = m3ft.alignment_examples(6, seed=1)
+    batch = m3ft.alignment_batch(model, tok, examples)
+    last = tok.convert_tokens_to_ids("[IMG3]")
+    for row in range(len(examples)):
+        n = int(batch["attention_mask"][row].sum())
+        assert batch["input_ids"][row, n - 1] == last
+    slots = int((batch["input_ids"] == tok.convert_tokens_to_ids(IMAGE_TOKEN)).sum())
+    assert slots == 4 * len(batch["pixel_values"])  # context pictures only, not the targets
+    assert batch["has_reference"].tolist() == [e.reference is not None for e in examples]
+    out = model.condition(batch)
+    assert out.prompt_embeds.shape == (6, CONFIG.cond_seq_len, 32) and out.pooled.shape == (6, 24)
+    assert out.gate[~batch["has_reference"]].eq(0).all()
+
+
+def test_the_two_stages_train_disjoint_groups():
+    tok_ = backbone.build_tokenizer(CONFIG, n_per_task=200)
+    model = system(tok_)
+    first, second = m3ft.check_disjoint(model)
+    assert first and second and not first & second
+    assert "fused.gen_embeddings" in first and any(n.startswith("adapter.") for n in first)
+    assert all(n.startswith("adapter.") or n == "fused.gen_embeddings" for n in first)
+    assert any("lora_" in n for n in second) and "fused.gate" in second
+    assert any(n.startswith("fused.projector.") for n in second)
+    assert not any(n.startswith("adapter.") for n in second)
+    with_gate = set(m3ft.set_stage(model, "stage2", train_adapter_gate=True))
+    assert with_gate - second == {"adapter.static_gate", "adapter.adaptive_gate.weight", "adapter.adaptive_gate.bias"}
+    with pytest.raises(ValueError, match="unknown stage"):
+        m3ft.set_stage(model, "stage3")
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_a_stage_moves_its_group_and_nothing_else(tok, stage):
+    model = system(tok)
+    before = _snapshot(model)
+    config = TrainConfig(max_steps=3, lr=1e-2, warmup_steps=1, log_every=1)
+    if stage == "stage1":
+        result = m3ft.train_stage1(model, tok, config, batch_size=4, pool_size=12, progress=False)
+        assert {"diffusion", "seq_mse", "pooled_mse", "gate"} <= set(result.history[-1])
+    else:
+        result = m3ft.train_stage2(model, tok, config, batch_size=4, pool_size=12, progress=False)
+    trained = set(m3ft.set_stage(model, stage))
+    for name, param in model.named_parameters():
+        moved = not torch.equal(param, before[name])
+        if name in trained:
+            continue  # may or may not move in three steps (e.g. a zero-init gate's LoRA partner)
+        assert not moved, f"{stage} changed the frozen {name}"
+    assert any(not torch.equal(dict(model.named_parameters())[n], before[n]) for n in trained)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+
+
+def test_stage1_loss_is_the_weighted_sum_of_its_parts(tok):
+    model = system(tok)
+    batch = m3ft.alignment_batch(model, tok, m3ft.alignment_examples(4, seed=5))
+    g = torch.Generator().manual_seed(0)
+    loss, parts = m3ft.stage1_loss(model, batch, lambda_seq=2.0, lambda_pooled=0.5, generator=g)
+    expected = parts["diffusion"] + 2.0 * parts["seq_mse"] + 0.5 * parts["pooled_mse"]
+    assert abs(loss.item() - expected) < 1e-5
+    g = torch.Generator().manual_seed(0)
+    zero, parts0 = m3ft.stage1_loss(model, batch, lambda_seq=0.0, lambda_pooled=0.0, generator=g)
+    assert abs(zero.item() - parts0["diffusion"]) < 1e-6
+
+
+def test_alignment_is_scored_like_the_teacher_row(tok):
+    from m2chat_lite.benchmark import load_benchmark
+
+    model = system(tok)
+    pipeline = D.TinyDiffusionPipeline(model.unet, D.build_schedulers()[1], model.teacher, tok,
+                                       {"num_inference_steps": 2})
+    samples = load_benchmark("caption")[:3]
+    embeds, pooled = m3ft.caption_conditions(model, tok, samples, batch_size=2)
+    assert embeds.shape == (3, CONFIG.cond_seq_len, 32) and pooled.shape == (3, 24)
+    results = m3ft.evaluate_alignment(model, tok, pipeline, samples, batch_size=2, return_images=True)
+    teacher = D.evaluate_generator(pipeline, samples, batch_size=2)
+    assert set(results) >= {"test", "all", "seconds_per_image", "images"} and results["all"]["all"]["n"] == 3
+    assert set(results["all"]) == set(teacher["all"])
+    with pytest.raises(ValueError, match="caption samples"):
+        m3ft.evaluate_alignment(model, tok, pipeline, make_samples("story", 1))
