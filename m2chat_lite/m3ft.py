@@ -355,3 +355,57 @@ def evaluate_alignment(model: M2ChatModel, tokenizer, pipeline, samples: Sequenc
     embeds, pooled = caption_conditions(model, tokenizer, samples, batch_size)
     images = generate_for_embeds(pipeline, embeds, pooled, seed=seed, batch_size=batch_size, **kwargs)
     return score_pictures(samples, images, time.perf_counter() - start, return_images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading the trained system
+# ---------------------------------------------------------------------------------------------
+
+SYSTEM_FILE = "m2chat.json"
+
+
+def save_system(model: M2ChatModel, folder, record: dict | None = None, lm_dir: str = "../../lm",
+                clip_dir: str = "../../clip", diffusion_dir: str = "../diffusion") -> "Path":
+    """Write ``folder/fused`` (``fusion.save_fused``), ``folder/adapter`` (the adapter's own folder) and
+    ``folder/m2chat.json`` (where the shared LM, CLIP and generator folders are, relative to ``folder``, and
+    ``record``: how it was trained), all or nothing."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from .checkpoints import save_folder
+    from .fusion import save_fused
+
+    def write(tmp: Path) -> None:
+        save_fused(model.fused, tmp / "fused", lm_dir=lm_dir, clip_dir=clip_dir)
+        model.adapter.save_pretrained(tmp / "adapter")
+        meta = {"diffusion_dir": diffusion_dir, "context_tokens": model.context_tokens,
+                "visual_layer": model.visual_layer, "record": record or {}}
+        (tmp / SYSTEM_FILE).write_text(json.dumps(meta, indent=2))
+        for leftover in tmp.glob(".*"):  # save_fused / save_pretrained leave nothing, but be sure
+            shutil.rmtree(leftover, ignore_errors=True)
+    return save_folder(folder, write)
+
+
+def load_system(folder, device: str = "cpu"):
+    """``(model, tokenizer, pipeline)`` from a folder written by :func:`save_system`."""
+    import json
+    from pathlib import Path
+
+    from .diffusion import TinyDiffusionPipeline
+    from .fusion import load_fused
+
+    folder = Path(folder)
+    if not (folder / SYSTEM_FILE).is_file():
+        raise FileNotFoundError(f"no M²Chat system in {folder} ({SYSTEM_FILE} is missing); train one with "
+                                "`m2chat-lite train --preset tiny --stage stage1` or save it with save_system")
+    try:
+        meta = json.loads((folder / SYSTEM_FILE).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{folder / SYSTEM_FILE} is not valid JSON ({error}); save the system again") from error
+    fused, tokenizer = load_fused(folder / "fused", device=device)
+    adapter = M3Adapter.from_pretrained(folder / "adapter", device=device)
+    pipeline = TinyDiffusionPipeline.from_pretrained((folder / meta["diffusion_dir"]).resolve(), device=device)
+    model = M2ChatModel(fused, adapter, pipeline.unet, pipeline.training_scheduler(), pipeline.text_encoder,
+                        pipeline.tokenizer, meta["context_tokens"], meta["visual_layer"])
+    return model.to(device).eval(), tokenizer, pipeline

@@ -141,3 +141,28 @@ def test_alignment_is_scored_like_the_teacher_row(tok):
     assert set(results["all"]) == set(teacher["all"])
     with pytest.raises(ValueError, match="caption samples"):
         m3ft.evaluate_alignment(model, tok, pipeline, make_samples("story", 1))
+
+
+def test_the_system_saves_and_loads_beside_its_shared_folders(tok, tmp_path):
+    from m2chat_lite.encoders import load_clip, save_clip
+
+    set_seed(0)
+    save_clip(build_clip(CONFIG, tok), tok, tmp_path / "clip")
+    backbone.save_lm(backbone.build_lm(CONFIG, tok), tok, tmp_path / "lm")
+    clip, _ = load_clip(tmp_path / "clip")
+    lm, _ = backbone.load_lm(tmp_path / "lm")
+    pipeline = D.TinyDiffusionPipeline(D.build_unet(CONFIG), D.build_schedulers()[1], clip, tok)
+    pipeline.save_pretrained(tmp_path / "diffusion", text_encoder_dir="../clip")
+    fused = fusion.build_fused_lm(lm, clip, tok, tokens_per_image=4, lora_rank=4)
+    model = m3ft.build_m2chat(fused, pipeline, CONFIG, gate_mode="static")
+    model.adapter.static_gate.data.fill_(0.2)
+    fused.gen_embeddings.data += 0.5
+    m3ft.save_system(model, tmp_path / "systems" / "stage1", record={"steps": 1},
+                     lm_dir="../../../lm", clip_dir="../../../clip", diffusion_dir="../../diffusion")
+    loaded, _, _ = m3ft.load_system(tmp_path / "systems" / "stage1")
+    batch = m3ft.alignment_batch(model, tok, m3ft.alignment_examples(3, seed=2))
+    with torch.no_grad():
+        a, b = model.eval().condition(batch), loaded.condition(batch)
+    assert torch.allclose(a.prompt_embeds, b.prompt_embeds, atol=1e-5) and loaded.adapter.gate_mode == "static"
+    with pytest.raises(FileNotFoundError, match="no M²Chat system"):
+        m3ft.load_system(tmp_path / "nowhere")
