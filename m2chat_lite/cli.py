@@ -5,7 +5,7 @@ Introduced in notebook ``00_welcome``. Subcommands available now:
     m2chat-lite info [--preset NAME]        versions, the device that would be used, the presets
     m2chat-lite data --benchmark [--out D] [--force]   write the frozen ShapeWorld benchmark split
     m2chat-lite data --verify [--out D]    check the split against its manifest
-    m2chat-lite train --preset tiny --stage clip|lm|diffusion|foundation|fusion [--steps N | --minutes M] [--out D]
+    m2chat-lite train --preset tiny --stage clip|lm|diffusion|foundation|fusion|stage1 [--steps N | --minutes M] [--out D]
     m2chat-lite generate --prompt TEXT [--n N] [--seed S] [--out D] [--model D]
     m2chat-lite demo                        the end-to-end demo (arrives with the M²Chat issue)
 
@@ -132,7 +132,7 @@ def run_data(args: argparse.Namespace) -> int:
 # train
 # ---------------------------------------------------------------------------------------------
 
-TRAIN_STAGES = ("clip", "lm", "diffusion", "foundation", "fusion")
+TRAIN_STAGES = ("clip", "lm", "diffusion", "foundation", "fusion", "stage1")
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -140,7 +140,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", type=preset_name, default="tiny", help="preset (only tiny trains from scratch)")
     parser.add_argument("--stage", choices=TRAIN_STAGES, required=True,
                         help="clip, lm, diffusion (needs a clip in --out), foundation (all three), "
-                             "fusion (prompt fusion: needs clip and lm in --out)")
+                             "fusion (prompt fusion: needs clip and lm in --out), "
+                             "stage1 (M³FT stage 1: needs fusion and diffusion in --out)")
     parser.add_argument("--out", type=Path, default=Path("runs/tiny"),
                         help="output folder (default runs/tiny; the shipped references are data/checkpoints/tiny)")
     budget = parser.add_mutually_exclusive_group()

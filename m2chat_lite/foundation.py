@@ -31,7 +31,7 @@ from .training import TrainConfig
 from .utils import DATA_DIR, atomic_write_json, get_device, set_seed
 
 STAGES = ("clip", "lm", "diffusion")  # the foundation models, in order
-M2CHAT_STAGES = ("fusion",)  # M²Chat's own training on top of them (needs clip and lm in the same folder)
+M2CHAT_STAGES = ("fusion", "stage1")  # M²Chat's own training on top of them (needs clip and lm in the same folder)
 REFERENCE_DIR = DATA_DIR / "checkpoints" / "tiny"
 
 # The reference budgets (optimizer steps) and settings; `steps` on the command line scales nothing else.
@@ -42,6 +42,8 @@ RECIPE = {
     "diffusion": {"steps": 1400, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.0, "ema_decay": 0.995},
     "fusion": {"steps": 3000, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
                "tokens_per_image": 9, "lora_rank": 16},
+    "stage1": {"steps": 1000, "lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
+               "pool_size": 6000, "gate_mode": "adaptive", "lambda_seq": 1.0, "lambda_pooled": 1.0},
 }
 
 
@@ -126,6 +128,23 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
                            if k != "replies"} for split in ("test", "heldout")}
         metrics["gate"] = model.gate_value()
         save_fused(model, out_dir / "fusion")
+    elif stage == "stage1":
+        from .diffusion import TinyDiffusionPipeline, evaluate_generator
+        from .fusion import load_fused
+        from .m3ft import build_m2chat, evaluate_alignment, save_system, train_stage1
+
+        r = RECIPE["stage1"]
+        fused, tokenizer = load_fused(out_dir / "fusion", device=device)
+        pipeline = TinyDiffusionPipeline.from_pretrained(out_dir / "diffusion", device=device)
+        model = build_m2chat(fused, pipeline, config, gate_mode=r["gate_mode"], seed=seed)
+        result = train_stage1(model, tokenizer, train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
+                              lambda_seq=r["lambda_seq"], lambda_pooled=r["lambda_pooled"], out_dir=state_dir,
+                              device=device, progress=progress)
+        seconds = time.perf_counter() - start
+        captions = load_benchmark("caption")
+        metrics = {"LM -> adapter -> generator": _scores(evaluate_alignment(model, tokenizer, pipeline, captions)),
+                   "teacher text encoder -> generator": _scores(evaluate_generator(pipeline, captions))}
+        save_system(model, out_dir / "stage1", record={"stage": "stage1", "steps": result.steps})
     else:
         from .diffusion import TinyDiffusionPipeline, evaluate_generator, train_diffusion
         from .encoders import load_clip

@@ -364,6 +364,13 @@ def evaluate_alignment(model: M2ChatModel, tokenizer, pipeline, samples: Sequenc
 SYSTEM_FILE = "m2chat.json"
 
 
+def reference_system_dir(name: str = "stage1", preset: str = "tiny") -> "Path":
+    """Where a shipped system lives: ``data/checkpoints/<preset>/<name>`` (``stage1``: after M³FT stage 1)."""
+    from .utils import DATA_DIR
+
+    return DATA_DIR / "checkpoints" / preset / name
+
+
 def save_system(model: M2ChatModel, folder, record: dict | None = None, lm_dir: str = "../../lm",
                 clip_dir: str = "../../clip", diffusion_dir: str = "../diffusion") -> "Path":
     """Write ``folder/fused`` (``fusion.save_fused``), ``folder/adapter`` (the adapter's own folder) and
