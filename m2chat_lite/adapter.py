@@ -7,6 +7,7 @@ because this is the part of M²Chat a student should see built:
 - a **semantic branch**: ``L`` blocks of cross-attention from the queries to the LM's last-layer hidden
   states over the span that asks for the picture (the words before it and the ``[IMG0..K-1]`` tokens,
   located by token ids: ``condition_span``), each block ``x + Attn(LN(x), mem)`` then ``x + FFN(LN(x))``;
+  the memory gets a learned embedding per position, so queries can address words by place as well as content;
 - a **visual branch**: the same blocks over *low-level* patch features (an early layer of the vision
   encoder) of the **reference picture**, the most recent picture in the conversation, given or drawn;
   when there is none the branch is masked out;
@@ -54,13 +55,16 @@ class AdapterConfig:
     num_heads: int = 4
     gate_mode: str = "adaptive"
     gate_value: float = 0.5  # the gate in "fixed" mode
+    semantic_positions: int = 64  # longest span of LM states the semantic branch reads
+    visual_positions: int = 65  # patch features per reference picture (class token + 8x8 patches)
 
     def __post_init__(self):
         if self.gate_mode not in GATE_MODES:
             raise ValueError(f"unknown gate mode {self.gate_mode!r}; choose one of {', '.join(GATE_MODES)}")
         if self.cond_dim % self.num_heads:
             raise ValueError(f"cond_dim ({self.cond_dim}) must be divisible by num_heads ({self.num_heads})")
-        for name in ("lm_dim", "vision_dim", "cond_dim", "pooled_dim", "num_queries", "num_layers", "num_heads"):
+        for name in ("lm_dim", "vision_dim", "cond_dim", "pooled_dim", "num_queries", "num_layers", "num_heads",
+                     "semantic_positions", "visual_positions"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -89,15 +93,21 @@ class CrossAttentionBlock(nn.Module):
 
 
 class Branch(nn.Module):
-    """Project a memory to the adapter's width, then ``num_layers`` cross-attention blocks from the queries."""
+    """Project a memory to the adapter's width and add a learned embedding of each memory position (so a
+    query can ask for "the third word of the span" or "the top-left patch", not only for content), then
+    ``num_layers`` cross-attention blocks from the queries."""
 
-    def __init__(self, memory_dim: int, dim: int, num_layers: int, num_heads: int):
+    def __init__(self, memory_dim: int, dim: int, num_layers: int, num_heads: int, max_positions: int):
         super().__init__()
         self.project = nn.Linear(memory_dim, dim)
+        self.positions = nn.Parameter(torch.zeros(max_positions, dim))
         self.blocks = nn.ModuleList(CrossAttentionBlock(dim, num_heads) for _ in range(num_layers))
 
     def forward(self, queries, memory, memory_mask, need_weights=False):
-        memory = self.project(memory)
+        if memory.shape[1] > len(self.positions):
+            raise ValueError(f"the memory has {memory.shape[1]} positions but this branch was built for at most "
+                             f"{len(self.positions)}; shorten the span or raise the adapter's *_positions")
+        memory = self.project(memory) + self.positions[:memory.shape[1]]
         attention = []
         x = queries
         for block in self.blocks:
@@ -122,8 +132,8 @@ class M3Adapter(nn.Module):
         self.config = config
         d = config.cond_dim
         self.queries = nn.Parameter(torch.randn(config.num_queries, d) * 0.02)
-        self.semantic = Branch(config.lm_dim, d, config.num_layers, config.num_heads)
-        self.visual = Branch(config.vision_dim, d, config.num_layers, config.num_heads)
+        self.semantic = Branch(config.lm_dim, d, config.num_layers, config.num_heads, config.semantic_positions)
+        self.visual = Branch(config.vision_dim, d, config.num_layers, config.num_heads, config.visual_positions)
         self.static_gate = nn.Parameter(torch.zeros(()))  # "static": tanh(0) = 0 at first
         self.adaptive_gate = nn.Linear(2 * d, 1)  # "adaptive": zero-initialised, so it starts closed too
         nn.init.zeros_(self.adaptive_gate.weight)

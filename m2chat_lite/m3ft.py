@@ -47,7 +47,7 @@ from .training import TrainConfig, TrainResult, train
 from .world.samples import make_samples, scenes_of
 
 STAGES = ("stage1", "stage2")
-CONTEXT_TOKENS = 32  # words before the [IMG] span that the semantic branch reads
+CONTEXT_TOKENS = 40  # tokens before the [IMG] span that the semantic branch reads: a whole caption request
 VISUAL_LAYER = 0  # the vision encoder layer the adapter's visual branch reads: low-level patch features
 
 
@@ -103,7 +103,9 @@ def build_m2chat(fused: FusedLM, pipeline, config, gate_mode: str = "adaptive", 
         lm_dim=fused.lm.config.hidden_size, vision_dim=fused.vision_model.config.hidden_size,
         cond_dim=teacher.config.text_config.hidden_size, pooled_dim=teacher.config.projection_dim,
         num_queries=teacher.config.text_config.max_position_embeddings,
-        num_layers=num_layers or config.adapter_num_layers, num_heads=config.adapter_num_heads, gate_mode=gate_mode)
+        num_layers=num_layers or config.adapter_num_layers, num_heads=config.adapter_num_heads, gate_mode=gate_mode,
+        semantic_positions=CONTEXT_TOKENS + len(fused.gen_token_ids),
+        visual_positions=1 + (fused.vision_model.config.image_size // fused.vision_model.config.patch_size) ** 2)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         adapter = M3Adapter(adapter_config)

@@ -34,3 +34,21 @@ def test_generate_rejects_empty_prompts_and_missing_models(tmp_path, capsys):
     assert main(["generate", "--prompt", "  "]) == 2
     assert main(["generate", "--prompt", "a red circle", "--model", str(tmp_path / "nothing")]) == 1
     assert str(tmp_path / "nothing") in capsys.readouterr().err
+
+
+def test_fusion_stage_trains_on_the_shipped_lm_and_clip_and_stage1_needs_it(tmp_path):
+    import shutil
+
+    from m2chat_lite.foundation import REFERENCE_DIR
+    from m2chat_lite.fusion import load_fused
+
+    for part in ("clip", "lm"):
+        shutil.copytree(REFERENCE_DIR / part, tmp_path / part)
+    with pytest.raises(FileNotFoundError, match="stage fusion"):
+        run_stage("stage1", tmp_path, steps=1, progress=False)
+    record = run_stage("fusion", tmp_path, steps=2, progress=False)
+    assert record["steps"] == 2 and {"test", "heldout", "gate"} <= set(record["metrics"])
+    assert 0.0 <= record["metrics"]["test"]["accuracy"] <= 1.0
+    model, _ = load_fused(tmp_path / "fusion")
+    assert model.gate_value() == pytest.approx(record["metrics"]["gate"])
+    assert json.loads((tmp_path / "manifest.json").read_text())["fusion"]["recipe"]["tokens_per_image"] == 9
