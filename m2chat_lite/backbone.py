@@ -1,8 +1,8 @@
 """The causal language model at the heart of M²Chat: a small Llama, pretrained here on ShapeWorld text.
 
-Taught in notebook ``03_language_model`` (this part: tokenizer, model, pretraining, perplexity,
-generation, saving); notebook ``05_multimodal_prompt_fusion`` adds the fusion of image features at
-``<image>`` positions to this module.
+Taught in notebook ``03_language_model`` (tokenizer, model, pretraining, perplexity, generation, saving).
+Notebook ``05_multimodal_prompt_fusion`` wraps this LM so it reads pictures at its ``<image>`` positions;
+that part lives in its own module, ``fusion.py``.
 
 The model is a stock ``transformers`` :class:`~transformers.LlamaForCausalLM`: for the ``tiny`` preset it is
 built from a tiny :class:`~transformers.LlamaConfig` and trained from scratch (``build_lm``); with

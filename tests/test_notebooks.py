@@ -35,6 +35,10 @@ ALTERNATE_PARAMETERS: dict[str, dict | list[dict]] = {
     "02_tiny_clip": {"seed": 1, "max_steps": 20, "batch_size": 32, "device": "cpu"},
     "03_language_model": {"seed": 1, "max_steps": 40, "rows": 2, "device": "cpu"},
     "04_diffusion": {"seed": 1, "max_steps": 15, "batch_size": 8, "eval_prompts": 10, "device": "cpu"},
+    "05_multimodal_prompt_fusion": {"seed": 1, "max_steps": 10, "batch_size": 8, "tokens_per_image": 4,
+                                    "eval_questions": 20, "device": "cpu"},
+    "06_m3adapter": {"seed": 1, "max_steps": 4, "batch_size": 4, "gate_mode": "static", "eval_prompts": 8,
+                     "device": "cpu"},
 }
 
 NOTEBOOKS = find_notebooks()
