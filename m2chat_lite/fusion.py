@@ -191,15 +191,22 @@ class FusedLM(nn.Module):
         return self.lm(inputs_embeds=self.embed(input_ids, pixel_values), **lm_kwargs)
 
     def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                      attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-        """The LM's last-layer hidden states ``[B, L, d]``, after its final norm: what the M³Adapter reads.
+                      attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                      layers: Sequence[int] = (-1,)) -> torch.Tensor:
+        """The LM's hidden states at ``layers``, concatenated along channels: ``[B, L, d · len(layers)]``.
+        Layer 0 is the input embeddings (words and visual tokens as the LM receives them), -1 the last
+        layer after the LM's final norm, ``i`` the output of decoder layer ``i``.
 
         One function for training and for generation, so both condition on the same states (the official
         code trained on normed states and generated from un-normed ones)."""
         body = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
-        return body.base_model(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False).last_hidden_state
+        embeds = self.embed(input_ids, pixel_values)
+        middle = any(layer not in (0, -1) for layer in layers)
+        out = body.base_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False, output_hidden_states=middle)
+        picked = [embeds if layer == 0 else out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+                  for layer in layers]
+        return torch.cat(picked, -1).float()
 
 
 def build_fused_lm(lm, clip, tokenizer, tokens_per_image: int = 9, lora_rank: int | None = 16,
