@@ -4,8 +4,9 @@ Taught in notebook ``06_m3adapter``; trained by M³FT stage 1 (``m3ft.py``, note
 because this is the part of M²Chat a student should see built:
 
 - **N learnable queries** ``[N, d]``, one per position of the generator's ``prompt_embeds``;
-- a **semantic branch**: ``L`` blocks of cross-attention from the queries to the LM's hidden
-  states over the span that asks for the picture (the words before it and the ``[IMG0..K-1]`` tokens,
+- a **semantic branch**: ``L`` blocks of cross-attention from the queries to the LM's hidden states (input
+  embeddings and last layer side by side, ``m3ft.LM_LAYERS``)
+  over the span that asks for the picture (the words before it and the ``[IMG0..K-1]`` tokens,
   located by token ids: ``condition_span``), each block ``x + Attn(LN(x), mem)`` then ``x + FFN(LN(x))``;
   the memory gets a learned embedding per position, so queries can address words by place as well as content;
 - a **visual branch**: the same blocks over *low-level* patch features (an early layer of the vision

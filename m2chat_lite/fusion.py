@@ -407,8 +407,19 @@ def save_fused(model: FusedLM, folder, lm_dir: str = "../lm", clip_dir: str = ".
         (tmp / FUSION_CONFIG).write_text(json.dumps(config, indent=2))
         save_file(weights, tmp / FUSION_WEIGHTS)
         if lora:
-            with quiet():
-                model.lm.save_pretrained(tmp / LORA_DIR)
+            # peft records the base model's path; record where it lies relative to lora/, not this machine's
+            # absolute path, and leave out peft's empty model card
+            configs = model.lm.peft_config.values()
+            paths = [c.base_model_name_or_path for c in configs]
+            for c in configs:
+                c.base_model_name_or_path = str(Path("..") / lm_dir)
+            try:
+                with quiet():
+                    model.lm.save_pretrained(tmp / LORA_DIR)
+            finally:
+                for c, path in zip(configs, paths):
+                    c.base_model_name_or_path = path
+            (tmp / LORA_DIR / "README.md").unlink(missing_ok=True)
     return save_folder(folder, write)
 
 

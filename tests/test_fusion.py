@@ -170,6 +170,8 @@ def test_save_and_load_round_trip_shares_the_lm_and_clip_folders(tok, clip, tmp_
                         progress=False)
     fusion.save_fused(model, tmp_path / "fusion")
     assert sorted(p.name for p in (tmp_path / "fusion").iterdir()) == ["fusion.safetensors", "fusion_config.json", "lora"]
+    assert not (tmp_path / "fusion" / "lora" / "README.md").exists()
+    assert str(tmp_path) not in (tmp_path / "fusion" / "lora" / "adapter_config.json").read_text()
     again, tok2 = fusion.load_fused(tmp_path / "fusion")
     item = fusion.encode_with_pictures(tok, vqa(1)[0], 4, 32)
     with torch.no_grad():
