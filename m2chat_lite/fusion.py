@@ -31,9 +31,11 @@ assistant's answer only. ``vqa_accuracy`` scores exact answers with greedy decod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -209,6 +211,15 @@ class FusedLM(nn.Module):
         return torch.cat(picked, -1).float()
 
 
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft 0.21 asks transformers 5 for ``is_gradient_checkpointing``, which warns that it is deprecated;
+    the warning is about the two libraries, not about anything a user can change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def build_fused_lm(lm, clip, tokenizer, tokens_per_image: int = 9, lora_rank: int | None = 16,
                    seed: int = 0, feature_layers: Sequence[int] = FEATURE_LAYERS) -> FusedLM:
     """Wrap ``lm`` and ``clip``'s vision tower into a :class:`FusedLM` with a fresh projector; with
@@ -217,8 +228,9 @@ def build_fused_lm(lm, clip, tokenizer, tokens_per_image: int = 9, lora_rank: in
     if lora_rank is not None:
         from peft import LoraConfig, get_peft_model
 
-        lm = get_peft_model(lm, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                                           target_modules=LORA_TARGETS))
+        with _quiet_peft():
+            lm = get_peft_model(lm, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                               target_modules=LORA_TARGETS))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         projector = VisualProjector(clip.config.vision_config.hidden_size * len(feature_layers),
@@ -443,7 +455,8 @@ def load_fused(folder, device: str = "cpu") -> tuple[FusedLM, object]:
         if config["lora"]:
             from peft import PeftModel
 
-            lm = PeftModel.from_pretrained(lm, folder / LORA_DIR)
+            with _quiet_peft():
+                lm = PeftModel.from_pretrained(lm, folder / LORA_DIR)
         projector = VisualProjector(config["vision_dim"], config["lm_dim"], config["tokens_per_image"])
         model = FusedLM(lm, clip.vision_model, projector, tokenizer, config["feature_layers"])
         state = load_file(folder / FUSION_WEIGHTS)
