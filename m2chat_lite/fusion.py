@@ -427,7 +427,7 @@ def save_fused(model: FusedLM, folder, lm_dir: str = "../lm", clip_dir: str = ".
                 c.base_model_name_or_path = str(Path("..") / lm_dir)
             try:
                 with quiet():
-                    model.lm.save_pretrained(tmp / LORA_DIR)
+                    model.lm.save_pretrained(tmp / LORA_DIR, save_embedding_layers=False)  # LoRA only
             finally:
                 for c, path in zip(configs, paths):
                     c.base_model_name_or_path = path
