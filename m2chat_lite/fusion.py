@@ -304,11 +304,10 @@ def fusion_loss(model: FusedLM, batch: dict) -> torch.Tensor:
     return shifted_loss(out.logits, batch["labels"].to(device))
 
 
-def vqa_batches(tokenizer, tokens_per_image: int, batch_size: int, image_size: int = 32, seed: int = 0,
-                pool_size: int = 20_000):
-    """``make_batch(step)``: ``batch_size`` training visual questions drawn from a pool of ``pool_size``,
-    a function of ``(seed, step)`` only (resumable)."""
-    samples = make_samples("vqa", pool_size, seed=seed, split="train", image_size=image_size)
+def sample_batches(tokenizer, samples: Sequence[Sample], tokens_per_image: int, batch_size: int,
+                   image_size: int = 32, seed: int = 0):
+    """``make_batch(step)``: ``batch_size`` of ``samples`` (encoded once, then cached), a function of
+    ``(seed, step)`` only, so a resumed run sees the same batches."""
     encoded: dict[int, dict] = {}
 
     def make_batch(step: int) -> dict:
@@ -320,6 +319,13 @@ def vqa_batches(tokenizer, tokens_per_image: int, batch_size: int, image_size: i
         return collate([encoded[i] for i in picks], tokenizer.pad_token_id)
 
     return make_batch
+
+
+def vqa_batches(tokenizer, tokens_per_image: int, batch_size: int, image_size: int = 32, seed: int = 0,
+                pool_size: int = 20_000):
+    """Batches of training visual questions drawn from a pool of ``pool_size`` (see :func:`sample_batches`)."""
+    samples = make_samples("vqa", pool_size, seed=seed, split="train", image_size=image_size)
+    return sample_batches(tokenizer, samples, tokens_per_image, batch_size, image_size, seed)
 
 
 def train_fusion(model: FusedLM, tokenizer, train_config: TrainConfig, batch_size: int = 32,

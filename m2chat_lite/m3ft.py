@@ -28,8 +28,11 @@ none (tested, with a test that frozen weights do not move).
 
 from __future__ import annotations
 
+import json
 import random
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -38,12 +41,15 @@ from torch import nn
 
 from . import world
 from .adapter import AdapterConfig, AdapterOutput, M3Adapter, condition_span, gather_spans
-from .data import Image, Sample, Text, Turn, image_to_tensor
+from .checkpoints import save_folder
+from .data import Image, Sample, Turn, image_to_tensor
 from .diffusion import diffusion_loss
 from .encoders import encode_text
-from .fusion import FusedLM, collate, encode_with_pictures, set_trainable
+from .fusion import (FusedLM, collate, encode_with_pictures, fusion_loss, load_fused, sample_batches, save_fused,
+                     set_trainable)
 from .tokenizer import image_gen_tokens
 from .training import TrainConfig, TrainResult, train
+from .utils import DATA_DIR
 from .world.samples import make_samples, scenes_of
 
 STAGES = ("stage1", "stage2")
@@ -274,8 +280,6 @@ def stage2_samples(n: int, seed: int = 0, split: str = "train",
 
 def stage2_loss(model: M2ChatModel, batch: dict) -> torch.Tensor:
     """The LM's loss on the assistant's tokens (words and ``[IMG]`` spans), pictures in context."""
-    from .fusion import fusion_loss
-
     return fusion_loss(model.fused, batch)
 
 
@@ -313,16 +317,7 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
     set_stage(model, "stage2", train_adapter_gate)
     model.to(device)
     samples = stage2_samples(pool_size, seed=train_config.seed)
-    encoded: dict[int, dict] = {}
-
-    def make_batch(step: int) -> dict:
-        rng = random.Random(train_config.seed * 1_000_003 + step)
-        picks = rng.sample(range(len(samples)), batch_size)
-        for i in picks:
-            if i not in encoded:
-                encoded[i] = encode_with_pictures(tokenizer, samples[i], model.fused.tokens_per_image, 32)
-        return collate([encoded[i] for i in picks], tokenizer.pad_token_id)
-
+    make_batch = sample_batches(tokenizer, samples, model.fused.tokens_per_image, batch_size, seed=train_config.seed)
     return train(model, lambda batch: stage2_loss(model, batch), make_batch, train_config, out_dir=out_dir,
                  device=device, progress=progress, description="M³FT stage 2",
                  log_extra=lambda: {"fusion_gate": model.fused.gate_value()})
@@ -354,8 +349,6 @@ def evaluate_alignment(model: M2ChatModel, tokenizer, pipeline, samples: Sequenc
                        batch_size: int = 50, return_images: bool = False, **kwargs) -> dict:
     """Oracle scores of the pictures drawn from the LM through the adapter for benchmark caption samples,
     in the same format as ``diffusion.evaluate_generator`` (the teacher row), from the same noise."""
-    import time
-
     from .diffusion import _caption_samples, generate_for_embeds, score_pictures
 
     samples = _caption_samples(samples)
@@ -372,43 +365,28 @@ def evaluate_alignment(model: M2ChatModel, tokenizer, pipeline, samples: Sequenc
 SYSTEM_FILE = "m2chat.json"
 
 
-def reference_system_dir(name: str = "stage1", preset: str = "tiny") -> "Path":
+def reference_system_dir(name: str = "stage1", preset: str = "tiny") -> Path:
     """Where a shipped system lives: ``data/checkpoints/<preset>/<name>`` (``stage1``: after M³FT stage 1)."""
-    from .utils import DATA_DIR
-
     return DATA_DIR / "checkpoints" / preset / name
 
 
 def save_system(model: M2ChatModel, folder, record: dict | None = None, lm_dir: str = "../../lm",
-                clip_dir: str = "../../clip", diffusion_dir: str = "../diffusion") -> "Path":
+                clip_dir: str = "../../clip", diffusion_dir: str = "../diffusion") -> Path:
     """Write ``folder/fused`` (``fusion.save_fused``), ``folder/adapter`` (the adapter's own folder) and
     ``folder/m2chat.json`` (where the shared LM, CLIP and generator folders are, relative to ``folder``, and
     ``record``: how it was trained), all or nothing."""
-    import json
-    import shutil
-    from pathlib import Path
-
-    from .checkpoints import save_folder
-    from .fusion import save_fused
-
     def write(tmp: Path) -> None:
         save_fused(model.fused, tmp / "fused", lm_dir=lm_dir, clip_dir=clip_dir)
         model.adapter.save_pretrained(tmp / "adapter")
         meta = {"diffusion_dir": diffusion_dir, "context_tokens": model.context_tokens,
                 "visual_layer": model.visual_layer, "lm_layers": list(model.lm_layers), "record": record or {}}
         (tmp / SYSTEM_FILE).write_text(json.dumps(meta, indent=2))
-        for leftover in tmp.glob(".*"):  # save_fused / save_pretrained leave nothing, but be sure
-            shutil.rmtree(leftover, ignore_errors=True)
     return save_folder(folder, write)
 
 
 def load_system(folder, device: str = "cpu"):
     """``(model, tokenizer, pipeline)`` from a folder written by :func:`save_system`."""
-    import json
-    from pathlib import Path
-
     from .diffusion import TinyDiffusionPipeline
-    from .fusion import load_fused
 
     folder = Path(folder)
     if not (folder / SYSTEM_FILE).is_file():
