@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Sample, image_to_tensor
+from .data import Sample, image_to_tensor, load_image
 from .tokenizer import END_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, encode_chat, image_gen_tokens, num_image_tokens
 from .training import TrainConfig, TrainResult, train
 from .utils import DATA_DIR
@@ -266,8 +266,7 @@ def encode_with_pictures(tokenizer, sample: Sample, tokens_per_image: int, image
     encoded = encode_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     ids, labels = expand_image_tokens(encoded["input_ids"], encoded["labels"],
                                       tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokens_per_image)
-    pixels = [image_to_tensor(p.resize((image_size, image_size)) if p.size != (image_size, image_size) else p)
-              for p in pictures]
+    pixels = [image_to_tensor(load_image(p, size=image_size)) for p in pictures]  # RGB, square, image_size
     return {"input_ids": ids, "labels": labels,
             "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, image_size, image_size)}
 

@@ -183,3 +183,18 @@ def test_save_and_load_round_trip_shares_the_lm_and_clip_folders(tok, clip, tmp_
         fusion.load_fused(tmp_path / "fusion")
     with pytest.raises(FileNotFoundError, match="stage fusion"):
         fusion.load_fused(tmp_path / "nowhere")
+
+
+def test_pictures_of_any_mode_and_size_become_square_rgb_tensors(tok):
+    from PIL import Image as PILImage
+
+    from m2chat_lite.data import Image, Sample, Text, Turn
+
+    odd = Sample("odd", "vqa", [Turn("user", [Image(image=PILImage.new("RGBA", (50, 30))), Text("what is it?")]),
+                                Turn("assistant", [Text("red")])])
+    gray = Sample("gray", "vqa", [Turn("user", [Image(image=PILImage.new("L", (20, 20))), Text("and this?")]),
+                                  Turn("assistant", [Text("blue")])])
+    for sample in (odd, gray):
+        item = fusion.encode_with_pictures(tok, sample, 4, 32)
+        assert item["pixel_values"].shape == (1, 3, 32, 32)
+        assert item["pixel_values"].min() >= -1 and item["pixel_values"].max() <= 1
