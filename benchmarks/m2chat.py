@@ -40,7 +40,7 @@ def main() -> None:
                   f"{r['threads']} threads")
 
     if (args.root / "fusion").is_dir():
-        from m2chat_lite.fusion import load_fused, vqa_accuracy
+        from m2chat_lite.fusion import gate_closed, load_fused, vqa_accuracy
 
         model, tokenizer = load_fused(args.root / "fusion")
         print("\n== prompt fusion: exact answers to visual questions (bar: >= 97%) ==")
@@ -49,12 +49,8 @@ def main() -> None:
             scores = vqa_accuracy(model, tokenizer, questions)
             print(f"{split:<8} {scores['accuracy']:.1%} of {scores['n']}   " +
                   "  ".join(f"{k} {v:.0%}" for k, v in scores["per_kind"].items()))
-        opened = model.gate.item()
-        with torch.no_grad():
-            model.gate.fill_(0.0)
-        closed = vqa_accuracy(model, tokenizer, load_benchmark("vqa", split="test"))
-        with torch.no_grad():
-            model.gate.fill_(opened)
+        with gate_closed(model):
+            closed = vqa_accuracy(model, tokenizer, load_benchmark("vqa", split="test"))
         print(f"gate closed (the LM alone, LoRA kept): {closed['accuracy']:.1%}   tanh(gate) as trained: "
               f"{model.gate_value():.3f}")
 

@@ -711,14 +711,15 @@ def evaluate_generator(pipeline: TinyDiffusionPipeline, samples, seed: int = 0, 
     ``color``, ``size``: per object; ``count``). Also ``seconds_per_image``. ``kwargs`` go to the pipeline
     (``num_inference_steps``, ``guidance_scale``).
     """
-    samples = _caption_samples(samples)
+    samples = check_caption_samples(samples)
     start = time.perf_counter()
     images = generate_for_prompts(pipeline, [s.meta["caption"] for s in samples], seed=seed,
                                   batch_size=batch_size, **kwargs)
     return score_pictures(samples, images, time.perf_counter() - start, return_images)
 
 
-def _caption_samples(samples) -> list:
+def check_caption_samples(samples) -> list:
+    """``samples`` as a list, refusing an empty one or any sample that is not a benchmark caption pair."""
     samples = list(samples)
     if not samples:
         raise ValueError("evaluation needs at least one caption sample")

@@ -220,6 +220,19 @@ def _quiet_peft():
         yield
 
 
+@contextlib.contextmanager
+def gate_closed(model: FusedLM):
+    """Inside the block the fusion gate is 0 (the LM reads no pictures); afterwards it is as it was."""
+    opened = model.gate.detach().clone()
+    with torch.no_grad():
+        model.gate.zero_()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            model.gate.copy_(opened)
+
+
 def build_fused_lm(lm, clip, tokenizer, tokens_per_image: int = 9, lora_rank: int | None = 16,
                    seed: int = 0, feature_layers: Sequence[int] = FEATURE_LAYERS) -> FusedLM:
     """Wrap ``lm`` and ``clip``'s vision tower into a :class:`FusedLM` with a fresh projector; with

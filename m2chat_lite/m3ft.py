@@ -43,7 +43,7 @@ from . import world
 from .adapter import AdapterConfig, AdapterOutput, M3Adapter, condition_span, gather_spans
 from .checkpoints import save_folder
 from .data import Image, Sample, Turn, image_to_tensor
-from .diffusion import diffusion_loss
+from .diffusion import check_caption_samples, diffusion_loss, generate_for_embeds, score_pictures
 from .encoders import encode_text
 from .fusion import (FusedLM, collate, encode_with_pictures, fusion_loss, load_fused, sample_batches, save_fused,
                      set_trainable)
@@ -349,9 +349,7 @@ def evaluate_alignment(model: M2ChatModel, tokenizer, pipeline, samples: Sequenc
                        batch_size: int = 50, return_images: bool = False, **kwargs) -> dict:
     """Oracle scores of the pictures drawn from the LM through the adapter for benchmark caption samples,
     in the same format as ``diffusion.evaluate_generator`` (the teacher row), from the same noise."""
-    from .diffusion import _caption_samples, generate_for_embeds, score_pictures
-
-    samples = _caption_samples(samples)
+    samples = check_caption_samples(samples)
     start = time.perf_counter()
     embeds, pooled = caption_conditions(model, tokenizer, samples, batch_size)
     images = generate_for_embeds(pipeline, embeds, pooled, seed=seed, batch_size=batch_size, **kwargs)

@@ -198,3 +198,15 @@ def test_pictures_of_any_mode_and_size_become_square_rgb_tensors(tok):
         item = fusion.encode_with_pictures(tok, sample, 4, 32)
         assert item["pixel_values"].shape == (1, 3, 32, 32)
         assert item["pixel_values"].min() >= -1 and item["pixel_values"].max() <= 1
+
+
+def test_gate_closed_silences_the_pictures_and_restores_the_gate(tok, clip):
+    model = fusion.build_fused_lm(fresh_lm(tok), clip, tok, tokens_per_image=4, lora_rank=None).eval()
+    model.gate.data.fill_(0.7)
+    with fusion.gate_closed(model):
+        assert model.gate_value() == 0.0
+    assert model.gate.item() == pytest.approx(0.7)
+    with pytest.raises(RuntimeError):
+        with fusion.gate_closed(model):
+            raise RuntimeError("boom")
+    assert model.gate.item() == pytest.approx(0.7)  # restored even when the block fails
