@@ -5,7 +5,7 @@ Introduced in notebook ``00_welcome``. Subcommands available now:
     m2chat-lite info [--preset NAME]        versions, the device that would be used, the presets
     m2chat-lite data --benchmark [--out D] [--force]   write the frozen ShapeWorld benchmark split
     m2chat-lite data --verify [--out D]    check the split against its manifest
-    m2chat-lite train --preset tiny --stage clip|lm|diffusion|foundation|fusion|stage1 [--steps N | --minutes M] [--out D]
+    m2chat-lite train --preset tiny --stage clip|lm|diffusion|foundation|fusion|stage1|stage2|all [--steps N | --minutes M] [--out D]
     m2chat-lite generate --prompt TEXT [--n N] [--seed S] [--out D] [--model D]
     m2chat-lite demo                        the end-to-end demo (arrives with the M²Chat issue)
 
@@ -132,7 +132,7 @@ def run_data(args: argparse.Namespace) -> int:
 # train
 # ---------------------------------------------------------------------------------------------
 
-TRAIN_STAGES = ("clip", "lm", "diffusion", "foundation", "fusion", "stage1")
+TRAIN_STAGES = ("clip", "lm", "diffusion", "foundation", "fusion", "stage1", "stage2", "all")
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -141,7 +141,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--stage", choices=TRAIN_STAGES, required=True,
                         help="clip, lm, diffusion (needs a clip in --out), foundation (all three), "
                              "fusion (prompt fusion: needs clip and lm in --out), "
-                             "stage1 (M³FT stage 1: needs fusion and diffusion in --out)")
+                             "stage1 (M³FT stage 1: needs fusion and diffusion in --out), "
+                             "stage2 (M³FT stage 2: needs stage1 in --out), all (fusion, stage1, stage2)")
     parser.add_argument("--out", type=Path, default=Path("runs/tiny"),
                         help="output folder (default runs/tiny; the shipped references are data/checkpoints/tiny)")
     budget = parser.add_mutually_exclusive_group()
@@ -215,22 +216,136 @@ def run_generate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+DEMO_STORY = "a small red square"
+DEMO_DIALOGUE = ("draw a big green square at the middle left.", "move it to the bottom left.", "make it smaller.")
+
+
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="the end-to-end demo: a story with pictures (not available yet)"
-    )
-    parser.add_argument("--preset", type=preset_name, default="tiny", help="preset to run")
+    parser = subparsers.add_parser("demo", help="the end-to-end demo: an illustrated story and a dialogue, as HTML")
+    parser.add_argument("--preset", type=preset_name, default="tiny", help="preset to run (tiny ships a system)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="an M²Chat system folder (default: the shipped one in data/checkpoints/tiny)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/m2chat_demo.html"), help="the HTML page to write")
+    parser.add_argument("--story", default=DEMO_STORY, help=f'what the story is about (default "{DEMO_STORY}")')
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sample", action="store_true", help="sample the words (default: greedy)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.set_defaults(handler=run_demo)
 
 
+def _print_conversation(messages: list[dict]) -> None:
+    for message in messages:
+        content = message["content"]
+        segments = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        words = " ".join(s["text"] if s["type"] == "text" else "[picture]" for s in segments)
+        print(f"  {message['role']:>9}: {words}")
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    print(
-        "m2chat-lite demo: not available yet. The end-to-end demo (a story with pictures) "
-        "arrives with the M²Chat issue, once the model parts exist. Until then, open the "
-        "course with `jupyter lab notebooks/` (00_welcome, 01_shapeworld).",
-        file=sys.stderr,
-    )
-    return EXIT_USAGE
+    if args.preset != "tiny" and args.model is None:
+        print(f"m2chat-lite demo: no {args.preset!r} system ships with the package; pass --model DIR "
+              "or use --preset tiny", file=sys.stderr)
+        return EXIT_USAGE
+    import time
+
+    from .pipeline import M2ChatPipeline
+    from .ui import save_html
+
+    start = time.perf_counter()
+    pipeline = M2ChatPipeline.from_pretrained(args.model, device=None if args.device == "auto" else args.device)
+    loaded = time.perf_counter()
+    chat = {"do_sample": args.sample, "seed": args.seed}
+    story = pipeline.story(args.story, **chat)
+    dialogue = pipeline.dialogue(DEMO_DIALOGUE, **chat)
+    seconds = time.perf_counter() - start
+    print("a story:")
+    _print_conversation(story)
+    print("a dialogue:")
+    _print_conversation(dialogue)
+    note = (f"Written by the tiny M²Chat system ({pipeline.model.record.get('stage', 'trained')}) on "
+            f"{pipeline.device}, seed {args.seed}, {'sampled' if args.sample else 'greedy'}, in {seconds:.1f} s.")
+    save_html([("An illustrated story", story), ("A dialogue with edits", dialogue)], args.out,
+              title="m2chat-lite demo", note=note)
+    print(f"loaded in {loaded - start:.1f} s, wrote in {seconds - (loaded - start):.1f} s → {args.out}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# chat
+# ---------------------------------------------------------------------------------------------
+
+CHAT_HELP = """Type a message and press Enter. Commands:
+  /picture PATH   attach a picture to your next message
+  /new            start a new conversation
+  /quit           leave (or Ctrl-D)"""
+
+
+def add_chat_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("chat", help="chat in the terminal; pictures are saved as PNG files")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="an M²Chat system folder (default: the shipped one in data/checkpoints/tiny)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/chat"), help="folder for the pictures")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sample", action="store_true", help="sample the words (default: greedy)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.set_defaults(handler=run_chat)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from .pipeline import M2ChatPipeline, user_message
+    from .utils import atomic_write
+
+    pipeline = M2ChatPipeline.from_pretrained(args.model, device=None if args.device == "auto" else args.device)
+    print(CHAT_HELP)
+    messages: list[dict] = []
+    picture, saved = None, 0
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return EXIT_OK
+        if line in ("/quit", "/exit"):
+            return EXIT_OK
+        if line == "/new":
+            messages, picture = [], None
+            print("(a new conversation)")
+            continue
+        if line.startswith("/picture"):
+            path = line[len("/picture"):].strip()
+            try:
+                from .data import load_image
+
+                picture = load_image(path, size=pipeline.image_size)
+                print(f"(attached {path}; now type your message)")
+            except (FileNotFoundError, ValueError, TypeError) as error:
+                print(f"(cannot use that picture: {error})")
+            continue
+        if line.startswith("/"):
+            print(CHAT_HELP)
+            continue
+        if not line and picture is None:
+            continue
+        message = user_message(line, picture)
+        try:
+            reply = pipeline.chat(messages + [message], do_sample=args.sample, seed=args.seed + len(messages))
+        except ValueError as error:
+            print(f"(error: {error})")
+            continue
+        messages += [message, reply.message]
+        picture = None
+        words = []
+        for segment in reply.message["content"]:
+            if segment["type"] == "text":
+                words.append(segment["text"])
+                continue
+            args.out.mkdir(parents=True, exist_ok=True)
+            path = args.out / f"picture-{saved:03d}.png"
+            with atomic_write(path, "wb") as f:
+                segment["image"].save(f, format="PNG")
+            saved += 1
+            words.append(f"[{path}]")
+        print("m2chat> " + " ".join(words))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +358,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_train_parser,
     add_generate_parser,
     add_demo_parser,
+    add_chat_parser,
 ]
 
 

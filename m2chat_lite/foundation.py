@@ -31,7 +31,8 @@ from .training import TrainConfig
 from .utils import DATA_DIR, atomic_write_json, get_device, set_seed
 
 STAGES = ("clip", "lm", "diffusion")  # the foundation models, in order
-M2CHAT_STAGES = ("fusion", "stage1")  # M²Chat's own training on top of them (needs clip and lm in the same folder)
+# M²Chat's own training on top of them, in order (each needs the ones before in the same folder); "all" runs these
+M2CHAT_STAGES = ("fusion", "stage1", "stage2")
 REFERENCE_DIR = DATA_DIR / "checkpoints" / "tiny"
 
 # The reference budgets (optimizer steps) and settings; `steps` on the command line scales nothing else.
@@ -44,6 +45,8 @@ RECIPE = {
                "tokens_per_image": 9, "lora_rank": 16},
     "stage1": {"steps": 1000, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
                "pool_size": 6000, "gate_mode": "adaptive", "lambda_seq": 1.0, "lambda_pooled": 1.0},
+    "stage2": {"steps": 800, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
+               "pool_size": 6000},
 }
 
 
@@ -145,6 +148,21 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
         metrics = {"LM -> adapter -> generator": _scores(evaluate_alignment(model, tokenizer, pipeline, captions)),
                    "teacher text encoder -> generator": _scores(evaluate_generator(pipeline, captions))}
         save_system(model, out_dir / "stage1", record={"stage": "stage1", "steps": result.steps})
+    elif stage == "stage2":
+        from .m3ft import load_system, save_system, stage2_metrics, train_stage2
+
+        r = RECIPE["stage2"]
+        if not (out_dir / "stage1" / "m2chat.json").is_file():
+            raise FileNotFoundError(f"{out_dir} holds no stage-1 system; run `m2chat-lite train --stage stage1 "
+                                    f"--out {out_dir}` first")
+        model, tokenizer, pipeline = load_system(out_dir / "stage1", device=device)
+        result = train_stage2(model, tokenizer, train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
+                              out_dir=state_dir, device=device, progress=progress)
+        seconds = time.perf_counter() - start
+        metrics = stage2_metrics(model, tokenizer, pipeline)
+        # stage 2 leaves the adapter as stage 1 made it: the stage-2 system points at stage 1's
+        save_system(model, out_dir / "stage2", record={"stage": "stage2", "steps": result.steps},
+                    adapter_dir="../stage1/adapter")
     else:
         from .diffusion import TinyDiffusionPipeline, evaluate_generator, train_diffusion
         from .encoders import load_clip
@@ -186,6 +204,7 @@ def update_manifest(out_dir, stage: str, record: dict) -> None:
 
 
 def run(stage: str, out_dir, **kwargs) -> dict:
-    """``stage`` one of ``STAGES`` or ``"foundation"`` (all three, in order)."""
-    stages = STAGES if stage == "foundation" else (stage,)
+    """``stage`` one of ``STAGES + M2CHAT_STAGES``, ``"foundation"`` (the first three, in order) or ``"all"``
+    (M²Chat's stages, in order, on the foundation models already in ``out_dir``)."""
+    stages = {"foundation": STAGES, "all": M2CHAT_STAGES}.get(stage, (stage,))
     return {s: run_stage(s, out_dir, **kwargs) for s in stages}

@@ -73,6 +73,8 @@ class M2ChatModel(nn.Module):
         super().__init__()
         self.fused, self.adapter, self.unet, self.teacher = fused, adapter, unet, teacher
         self.scheduler, self.teacher_tokenizer = scheduler, teacher_tokenizer
+        self.source: dict[str, Path] = {}  # the folders of the frozen parts, when loaded by load_system
+        self.record: dict = {}  # how the system was trained, when loaded by load_system
         self.context_tokens, self.visual_layer, self.lm_layers = context_tokens, visual_layer, tuple(lm_layers)
         self.unet.requires_grad_(False)
         self.teacher.requires_grad_(False)
@@ -324,6 +326,62 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
 
 
 # ---------------------------------------------------------------------------------------------
+# Measuring stage 2: the written parts, teacher-forced
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def teacher_forced_scores(fused: FusedLM, tokenizer, samples: Sequence[Sample], batch_size: int = 32,
+                          image_size: int = 32) -> dict:
+    """How well the LM predicts the assistant's tokens of ``samples`` given everything before each one
+    (pictures in context): ``loss`` (mean cross-entropy, nats), ``perplexity``, ``token_accuracy`` (the
+    greedy choice is the next token), and for pictures, ``img_recall`` (where the assistant draws, the LM
+    chooses ``[IMG0]``) and ``img_precision`` (where the LM chooses ``[IMG0]``, the assistant draws)."""
+    if not samples:
+        raise ValueError("teacher_forced_scores needs at least one sample")
+    was_training = fused.training
+    fused.eval()
+    img0 = int(fused.gen_token_ids[0])
+    nats, tokens, right, hits, targets, chosen = 0.0, 0, 0, 0, 0, 0
+    for start in range(0, len(samples), batch_size):
+        items = [encode_with_pictures(tokenizer, s, fused.tokens_per_image, image_size)
+                 for s in samples[start:start + batch_size]]
+        batch = collate(items, tokenizer.pad_token_id)
+        device = fused.device
+        logits = fused(batch["input_ids"].to(device), batch["pixel_values"].to(device),
+                       attention_mask=batch["attention_mask"].to(device),
+                       position_ids=batch["position_ids"].to(device), use_cache=False).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:].to(device)
+        keep = labels != -100
+        nats += F.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+        predicted = logits.argmax(-1)
+        tokens += int(keep.sum())
+        right += int((predicted == labels)[keep].sum())
+        hits += int(((predicted == img0) & (labels == img0)).sum())
+        targets += int((labels == img0).sum())
+        chosen += int(((predicted == img0) & keep).sum())
+    fused.train(was_training)
+    loss = nats / tokens
+    return {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "token_accuracy": right / tokens,
+            "img_recall": hits / max(1, targets), "img_precision": hits / max(1, chosen), "n": len(samples),
+            "tokens": tokens}
+
+
+def stage2_metrics(model: M2ChatModel, tokenizer, pipeline=None, split: str = "test") -> dict:
+    """What stage 2 is for, on the frozen benchmark: visual questions (exact answers) and the assistant's
+    side of stories and dialogues, teacher-forced (:func:`teacher_forced_scores`)."""
+    from .benchmark import load_benchmark
+    from .fusion import vqa_accuracy
+
+    metrics = {"vqa": {k: v for k, v in vqa_accuracy(model.fused, tokenizer, load_benchmark("vqa", split=split)).items()
+                       if k != "replies"}}
+    for task in ("story", "dialogue"):
+        metrics[task] = teacher_forced_scores(model.fused, tokenizer, load_benchmark(task, split=split))
+    metrics["fusion_gate"] = model.fused.gate_value()
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
 # Measuring stage 1: LM -> adapter -> generator, against the teacher text encoder
 # ---------------------------------------------------------------------------------------------
 
@@ -369,16 +427,25 @@ def reference_system_dir(name: str = "stage1", preset: str = "tiny") -> Path:
 
 
 def save_system(model: M2ChatModel, folder, record: dict | None = None, lm_dir: str = "../../lm",
-                clip_dir: str = "../../clip", diffusion_dir: str = "../diffusion") -> Path:
+                clip_dir: str = "../../clip", diffusion_dir: str = "../diffusion", adapter_dir: str | None = None,
+                extra=None) -> Path:
     """Write ``folder/fused`` (``fusion.save_fused``), ``folder/adapter`` (the adapter's own folder) and
     ``folder/m2chat.json`` (where the shared LM, CLIP and generator folders are, relative to ``folder``, and
-    ``record``: how it was trained), all or nothing."""
+    ``record``: how it was trained), all or nothing.
+
+    ``adapter_dir`` (relative to ``folder``) points at an adapter saved elsewhere instead of writing one:
+    stage 2 does not change the adapter, so the stage-2 system shares stage 1's. ``extra(tmp)`` may add
+    more to the folder before it moves into place."""
     def write(tmp: Path) -> None:
         save_fused(model.fused, tmp / "fused", lm_dir=lm_dir, clip_dir=clip_dir)
-        model.adapter.save_pretrained(tmp / "adapter")
-        meta = {"diffusion_dir": diffusion_dir, "context_tokens": model.context_tokens,
-                "visual_layer": model.visual_layer, "lm_layers": list(model.lm_layers), "record": record or {}}
+        if adapter_dir is None:
+            model.adapter.save_pretrained(tmp / "adapter")
+        meta = {"diffusion_dir": diffusion_dir, "adapter_dir": adapter_dir or "adapter",
+                "context_tokens": model.context_tokens, "visual_layer": model.visual_layer,
+                "lm_layers": list(model.lm_layers), "record": record or {}}
         (tmp / SYSTEM_FILE).write_text(json.dumps(meta, indent=2))
+        if extra is not None:
+            extra(tmp)
     return save_folder(folder, write)
 
 
@@ -395,8 +462,14 @@ def load_system(folder, device: str = "cpu"):
     except json.JSONDecodeError as error:
         raise ValueError(f"{folder / SYSTEM_FILE} is not valid JSON ({error}); save the system again") from error
     fused, tokenizer = load_fused(folder / "fused", device=device)
-    adapter = M3Adapter.from_pretrained(folder / "adapter", device=device)
-    pipeline = TinyDiffusionPipeline.from_pretrained((folder / meta["diffusion_dir"]).resolve(), device=device)
+    adapter = M3Adapter.from_pretrained(folder / meta.get("adapter_dir", "adapter"), device=device)
+    diffusion_dir = (folder / meta["diffusion_dir"]).resolve()
+    pipeline = TinyDiffusionPipeline.from_pretrained(diffusion_dir, device=device)
     model = M2ChatModel(fused, adapter, pipeline.unet, pipeline.training_scheduler(), pipeline.text_encoder,
                         pipeline.tokenizer, meta["context_tokens"], meta["visual_layer"], meta["lm_layers"])
+    fused_config = json.loads((folder / "fused" / "fusion_config.json").read_text())
+    # where the frozen parts came from (M2ChatPipeline.save_pretrained copies them) and how it was trained
+    model.source = {"lm": (folder / "fused" / fused_config["lm_dir"]).resolve(),
+                    "clip": (folder / "fused" / fused_config["clip_dir"]).resolve(), "diffusion": diffusion_dir}
+    model.record = meta.get("record", {})
     return model.to(device).eval(), tokenizer, pipeline
