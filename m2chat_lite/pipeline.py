@@ -67,8 +67,9 @@ class Reply:
 
 
 @dataclass
-class _Context:
-    """A conversation being decoded: ids with expanded ``<image>`` slots and the pictures, in order."""
+class Context:
+    """A conversation being decoded: ids with expanded ``<image>`` slots and the pictures, in order.
+    Decoding appends to both."""
 
     ids: list[int]
     pictures: list[torch.Tensor] = field(default_factory=list)
@@ -166,36 +167,40 @@ class M2ChatPipeline:
 
     # --- the decoding loop -------------------------------------------------------------------------
 
-    def _encode(self, messages: Sequence[dict]) -> _Context:
+    def encode(self, messages: Sequence[dict]) -> "Context":
+        """The conversation as the LM reads it, ready for the assistant's next token: ids (each picture as
+        ``V`` ``<image>`` slots) and the pictures as tensors."""
         plain, pictures = _split_pictures(messages)
         encoded = encode_chat(self.tokenizer, plain, add_generation_prompt=True)
         ids, _ = expand_image_tokens(encoded["input_ids"], None, self.image_id, self.model.fused.tokens_per_image)
         tensors = [image_to_tensor(load_image(p, size=self.image_size)) for p in pictures]
-        context = _Context(ids, tensors)
+        context = Context(ids, tensors)
         self._check_length(context, 0)
         return context
 
-    def _check_length(self, context: _Context, extra: int) -> None:
+    def _check_length(self, context: Context, extra: int) -> None:
         if len(context.ids) + extra > self.max_length:
             raise ValueError(f"the conversation is {len(context.ids)} tokens (pictures count "
                              f"{self.model.fused.tokens_per_image} each), and with {extra} more it would pass the "
                              f"{self.max_length} this LM reads; start a new conversation or drop early turns")
 
-    def _batch(self, context: _Context) -> dict:
+    def _batch(self, context: Context) -> dict:
         item = {"input_ids": context.ids, "labels": None,
                 "pixel_values": torch.stack(context.pictures) if context.pictures
                 else torch.zeros(0, 3, self.image_size, self.image_size)}
         return collate([item], self.tokenizer.pad_token_id)
 
     @torch.no_grad()
-    def _next_token(self, context: _Context, allowed_picture: bool, do_sample: bool, temperature: float,
-                    top_k: int | None, generator: torch.Generator) -> int:
+    def next_token(self, context: Context, allow_picture: bool = True, do_sample: bool = False,
+                   temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None) -> int:
+        """The assistant's next token after ``context``: the LM's choice among the tokens it may write
+        (never structure, ``<image>`` or the middle of a span; ``[IMG0]`` only if ``allow_picture``)."""
         batch = self._batch(context)
         with autocast_context(self.device):
             logits = self.model.fused(batch["input_ids"].to(self.device), batch["pixel_values"].to(self.device),
                                       use_cache=False).logits[0, -1].float().cpu()
         logits[self.banned] = float("-inf")
-        if not allowed_picture:
+        if not allow_picture:
             logits[self.gen_ids[0]] = float("-inf")
         if not do_sample:
             return int(logits.argmax())
@@ -206,8 +211,10 @@ class M2ChatPipeline:
         return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
 
     @torch.no_grad()
-    def _draw(self, context: _Context, seed: int, **generator_kwargs) -> tuple[object, float]:
-        """The picture for the ``[IMG]`` span that ends ``context``, and the adapter's mean gate."""
+    def draw(self, context: Context, seed: int = 0, **generator_kwargs) -> tuple[torch.Tensor, float]:
+        """The picture (``[3, H, W]`` in [-1, 1]) for the ``[IMG]`` span that ends ``context``, and the
+        adapter's mean gate. The reference is the last picture in ``context`` (none: the gate is 0);
+        ``seed`` fixes the starting noise; ``generator_kwargs`` go to the generator."""
         batch = self._batch(context)
         reference = context.pictures[-1] if context.pictures else torch.zeros(3, self.image_size, self.image_size)
         batch["reference"] = reference[None]
@@ -237,7 +244,7 @@ class M2ChatPipeline:
             raise ValueError(f"temperature must be above 0 when sampling, got {temperature}")
         _check_messages(messages)
         start = time.perf_counter()
-        context = self._encode(messages)
+        context = self.encode(messages)
         generator = torch.Generator().manual_seed(seed)
         k, v = len(self.gen_ids), self.model.fused.tokens_per_image
         content, words, written, finished = [], [], 0, False
@@ -253,7 +260,7 @@ class M2ChatPipeline:
         while written < max_new_tokens:
             pictures_left = len([s for s in content if s["type"] == "image"]) < max_pictures
             room = len(context.ids) + k + v + 1 <= self.max_length
-            token = self._next_token(context, pictures_left and room, do_sample, temperature, top_k, generator)
+            token = self.next_token(context, pictures_left and room, do_sample, temperature, top_k, generator)
             if token == self.end_id:
                 finished = True
                 break
@@ -265,7 +272,7 @@ class M2ChatPipeline:
                 continue
             flush()
             context.ids += self.gen_ids  # the whole span: the adapter reads it
-            picture, gate = self._draw(context, seed * 1_000_003 + drawn, num_inference_steps=num_inference_steps,
+            picture, gate = self.draw(context, seed * 1_000_003 + drawn, num_inference_steps=num_inference_steps,
                                        guidance_scale=guidance_scale)
             drawn += 1
             context.ids += expand_image_tokens([self.image_id], None, self.image_id, v)[0]
@@ -314,6 +321,21 @@ def default_system_dir(preset: str = "tiny") -> Path:
             return folder
     raise FileNotFoundError(f"no shipped M²Chat system in {reference_system_dir('stage1', preset).parent}; train one "
                             "with `m2chat-lite train --preset tiny --stage all`")
+
+
+def story_frames(message: dict) -> tuple[list[str], list]:
+    """A reply's ``(sentences, pictures)``: each picture with the words written before it (for
+    ``plotting.show_story``); words after the last picture are left out."""
+    sentences, pictures, words = [], [], []
+    content = message["content"]
+    for segment in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+        if segment["type"] == "text":
+            words.append(segment["text"])
+        else:
+            sentences.append(" ".join(words))
+            pictures.append(segment["image"])
+            words = []
+    return sentences, pictures
 
 
 def user_message(text: str = "", image=None) -> dict:

@@ -12,34 +12,27 @@ Taught in notebook ``09_interleaved_chat``; ``m2chat-lite demo`` writes its page
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 from pathlib import Path
 from typing import Sequence
 
 from .data import load_image
+from .plotting import image_data_uri
 from .utils import atomic_write_text
 
-PICTURE_PIXELS = 128  # pictures are 32x32; shown this large, without smoothing
+PICTURE_SCALE = 4  # 32x32 pictures are stored upscaled 4x with nearest-neighbour pixels, so they stay crisp
 
-_STYLE = f"""
-body {{ font-family: system-ui, sans-serif; max-width: 46rem; margin: 2rem auto; color: #222; }}
-h1 {{ font-size: 1.4rem; }} h2 {{ font-size: 1.1rem; margin-top: 2rem; }}
-.turn {{ margin: .6rem 0; padding: .6rem .8rem; border-radius: .5rem; }}
-.user {{ background: #eef3fb; }} .assistant {{ background: #f4f4f4; }}
-.role {{ font-size: .75rem; text-transform: uppercase; color: #777; }}
-figure {{ display: inline-block; margin: .3rem .5rem .3rem 0; text-align: center; }}
-figure img {{ width: {PICTURE_PIXELS}px; height: {PICTURE_PIXELS}px; image-rendering: pixelated; border: 1px solid #ccc; }}
-figcaption {{ font-size: .7rem; color: #777; }}
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 46rem; margin: 2rem auto; color: #222; }
+h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 2rem; }
+.turn { margin: .6rem 0; padding: .6rem .8rem; border-radius: .5rem; }
+.user { background: #eef3fb; } .assistant { background: #f4f4f4; }
+.role { font-size: .75rem; text-transform: uppercase; color: #777; }
+figure { display: inline-block; margin: .3rem .5rem .3rem 0; text-align: center; }
+figure img { image-rendering: pixelated; border: 1px solid #ccc; }
+figcaption { font-size: .7rem; color: #777; }
 """
-
-
-def picture_data_uri(picture) -> str:
-    """A picture (PIL or file path) as a ``data:image/png;base64,...`` URI."""
-    buffer = io.BytesIO()
-    load_image(picture).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _segments(content) -> list[dict]:
@@ -55,7 +48,8 @@ def message_html(message: dict) -> str:
             if segment.get("image") is None:
                 raise ValueError("an image segment has no picture; give {'type': 'image', 'image': <PIL picture>}")
             gate = f'<figcaption>gate {segment["gate"]:.2f}</figcaption>' if "gate" in segment else ""
-            parts.append(f'<figure><img alt="picture" src="{picture_data_uri(segment["image"])}">{gate}</figure>')
+            uri = image_data_uri(load_image(segment["image"]), PICTURE_SCALE)
+            parts.append(f'<figure><img alt="picture" src="{uri}">{gate}</figure>')
         else:
             parts.append(f'<p>{html.escape(segment.get("text", ""))}</p>')
     parts.append("</div>")

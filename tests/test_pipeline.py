@@ -16,7 +16,7 @@ from m2chat_lite import backbone, diffusion as D, fusion, m3ft
 from m2chat_lite.cli import main
 from m2chat_lite.config import get_config
 from m2chat_lite.encoders import build_clip, load_clip, save_clip
-from m2chat_lite.pipeline import M2ChatPipeline, user_message
+from m2chat_lite.pipeline import M2ChatPipeline, story_frames, user_message
 from m2chat_lite.tokenizer import IMAGE_TOKEN
 from m2chat_lite.ui import ChatWidget, page_html, save_html
 from m2chat_lite.utils import set_seed
@@ -62,7 +62,7 @@ def scripted(pipe, tokens):
     def next_token(context, *args):
         seen.append(SimpleNamespace(ids=list(context.ids), pictures=len(context.pictures)))
         return ids.pop(0) if ids else pipe.end_id
-    pipe._next_token = next_token
+    pipe.next_token = next_token
     return seen
 
 
@@ -97,7 +97,7 @@ def test_the_picture_is_what_the_adapter_and_generator_make_of_the_span(pipe):
     scripted(pipe, ["[IMG0]"])
     messages = [{"role": "user", "content": "draw a red circle."}]
     reply = pipe.chat(messages, seed=5)
-    context = pipe._encode(messages)
+    context = pipe.encode(messages)
     context.ids += pipe.gen_ids
     batch = pipe._batch(context)
     batch["reference"], batch["has_reference"] = torch.zeros(1, 3, 32, 32), torch.tensor([False])
@@ -249,3 +249,12 @@ def test_demo_and_chat_commands(system_dir, tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "cannot use that picture" in printed and "/picture PATH" in printed and "m2chat>" in printed
     assert "a new conversation" in printed
+
+
+def test_story_frames_pair_each_picture_with_the_words_before_it():
+    red, blue = PIL.Image.new("RGB", (4, 4), "red"), PIL.Image.new("RGB", (4, 4), "blue")
+    message = {"role": "assistant", "content": [
+        {"type": "text", "text": "a red one."}, {"type": "image", "image": red},
+        {"type": "image", "image": blue}, {"type": "text", "text": "the end."}]}
+    sentences, pictures = story_frames(message)
+    assert sentences == ["a red one.", ""] and pictures == [red, blue]
