@@ -8,6 +8,10 @@ Loads the folders written by ``m2chat-lite train --preset tiny --stage fusion|st
 - M³FT stage 1 (``ROOT/stage1``): oracle scores of pictures drawn from the caption through the LM, the
   adapter and the generator, beside the generator fed its own text encoder, from the same noise
   (bar: fully-right pictures within 5 points of that teacher row);
+- M³FT stage 2 (``ROOT/stage2``): visual questions, and the assistant's side of stories and dialogues,
+  teacher-forced (loss, token accuracy, [IMG] recall and precision);
+- the interleaved pipeline (the shipped system as ``m2chat-lite demo`` loads it): seconds to load, per
+  story (up to 4 pictures) and per 3-turn dialogue, tokens written and pictures drawn;
 - the training wall time recorded in ROOT/manifest.json.
 """
 
@@ -33,7 +37,7 @@ def main() -> None:
     manifest = json.loads((args.root / "manifest.json").read_text())
     print(f"checkpoints: {args.root}   torch threads: {torch.get_num_threads()}")
     print("\n== training (from the manifest) ==")
-    for stage in ("fusion", "stage1"):
+    for stage in ("fusion", "stage1", "stage2"):
         if stage in manifest:
             r = manifest[stage]
             print(f"{stage:<8} {r['steps']:>6} steps  {r['train_seconds']:>7.0f} s  on {r['machine']}, "
@@ -69,6 +73,44 @@ def main() -> None:
         gap = teacher["all"]["all"]["exact"] - ours["all"]["all"]["exact"]
         print(f"\nfully right, all captions: adapter {ours['all']['all']['exact']:.1%}, teacher "
               f"{teacher['all']['all']['exact']:.1%}, gap {100 * gap:.1f} points")
+
+    if (args.root / "stage2").is_dir():
+        from m2chat_lite.m3ft import load_system, stage2_metrics
+
+        model, tokenizer, _ = load_system(args.root / "stage2")
+        metrics = stage2_metrics(model, tokenizer)
+        print("\n== M³FT stage 2: test split ==")
+        print(f"visual questions: {metrics['vqa']['accuracy']:.1%} exact of {metrics['vqa']['n']}   " +
+              "  ".join(f"{k} {v:.0%}" for k, v in metrics["vqa"]["per_kind"].items()))
+        for task in ("story", "dialogue"):
+            r = metrics[task]
+            print(f"{task:<9} teacher-forced: loss {r['loss']:.3f}, token accuracy {r['token_accuracy']:.1%}, "
+                  f"[IMG] recall {r['img_recall']:.1%}, precision {r['img_precision']:.1%} ({r['n']} samples)")
+        pipeline_speed(args.root / "stage2")
+
+
+def pipeline_speed(folder: Path, repeats: int = 3) -> None:
+    """Seconds per story and per dialogue through M2ChatPipeline, greedy, as `m2chat-lite demo` runs them."""
+    import time
+
+    from m2chat_lite.cli import DEMO_DIALOGUE, DEMO_STORY
+    from m2chat_lite.pipeline import M2ChatPipeline
+
+    start = time.perf_counter()
+    pipe = M2ChatPipeline.from_pretrained(folder, device="cpu")
+    print(f"\n== the pipeline (CPU, {torch.get_num_threads()} threads) ==\nload: {time.perf_counter() - start:.2f} s")
+    for name, run in (("story", lambda seed: pipe.story(DEMO_STORY, seed=seed)),
+                      ("dialogue", lambda seed: pipe.dialogue(DEMO_DIALOGUE, seed=seed))):
+        times, pictures, words = [], 0, 0
+        for seed in range(repeats):
+            start = time.perf_counter()
+            messages = run(seed)
+            times.append(time.perf_counter() - start)
+            segments = [s for m in messages if m["role"] == "assistant" for s in m["content"]]
+            pictures += sum(s["type"] == "image" for s in segments)
+            words += sum(len(s["text"].split()) for s in segments if s["type"] == "text")
+        print(f"{name:<9} {min(times):.2f} s (best of {repeats}), {pictures / repeats:.1f} pictures and "
+              f"{words / repeats:.0f} words each")
 
 
 if __name__ == "__main__":

@@ -194,13 +194,15 @@ class M3Adapter(nn.Module):
 
     # --- saving and loading ------------------------------------------------------------------------
 
-    def save_pretrained(self, folder) -> Path:
-        """``adapter_config.json`` + ``adapter.safetensors``, written all or nothing."""
+    def save_pretrained(self, folder, dtype: torch.dtype | None = None) -> Path:
+        """``adapter_config.json`` + ``adapter.safetensors``, written all or nothing; ``dtype`` (e.g.
+        ``torch.float16``, half the bytes) for the stored weights, which load back as float32."""
         from safetensors.torch import save_file
 
         def write(tmp: Path) -> None:
             (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, tmp / WEIGHTS_FILE)
+            save_file({k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.state_dict().items()},
+                      tmp / WEIGHTS_FILE)
         return save_folder(folder, write)
 
     @classmethod

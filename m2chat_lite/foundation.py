@@ -134,7 +134,7 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
     elif stage == "stage1":
         from .diffusion import TinyDiffusionPipeline, evaluate_generator
         from .fusion import load_fused
-        from .m3ft import build_m2chat, evaluate_alignment, save_system, train_stage1
+        from .m3ft import build_m2chat, evaluate_alignment, load_system, save_system, train_stage1
 
         r = RECIPE["stage1"]
         fused, tokenizer = load_fused(out_dir / "fusion", device=device)
@@ -144,10 +144,14 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
                               lambda_seq=r["lambda_seq"], lambda_pooled=r["lambda_pooled"], out_dir=state_dir,
                               device=device, progress=progress)
         seconds = time.perf_counter() - start
+        # Shipped with the adapter in float16 (half the bytes); scored as shipped, and in float32 beside it
+        save_system(model, out_dir / "stage1", record={"stage": "stage1", "steps": result.steps},
+                    adapter_dtype=torch.float16)
+        shipped, _, _ = load_system(out_dir / "stage1", device=device)
         captions = load_benchmark("caption")
-        metrics = {"LM -> adapter -> generator": _scores(evaluate_alignment(model, tokenizer, pipeline, captions)),
+        metrics = {"LM -> adapter -> generator": _scores(evaluate_alignment(shipped, tokenizer, pipeline, captions)),
+                   "same, float32 adapter": _scores(evaluate_alignment(model, tokenizer, pipeline, captions)),
                    "teacher text encoder -> generator": _scores(evaluate_generator(pipeline, captions))}
-        save_system(model, out_dir / "stage1", record={"stage": "stage1", "steps": result.steps})
     elif stage == "stage2":
         from .m3ft import load_system, save_system, stage2_metrics, train_stage2
 

@@ -428,18 +428,19 @@ def reference_system_dir(name: str = "stage1", preset: str = "tiny") -> Path:
 
 def save_system(model: M2ChatModel, folder, record: dict | None = None, lm_dir: str = "../../lm",
                 clip_dir: str = "../../clip", diffusion_dir: str = "../diffusion", adapter_dir: str | None = None,
-                extra=None) -> Path:
+                adapter_dtype: torch.dtype | None = None, extra=None) -> Path:
     """Write ``folder/fused`` (``fusion.save_fused``), ``folder/adapter`` (the adapter's own folder) and
     ``folder/m2chat.json`` (where the shared LM, CLIP and generator folders are, relative to ``folder``, and
     ``record``: how it was trained), all or nothing.
 
     ``adapter_dir`` (relative to ``folder``) points at an adapter saved elsewhere instead of writing one:
-    stage 2 does not change the adapter, so the stage-2 system shares stage 1's. ``extra(tmp)`` may add
-    more to the folder before it moves into place."""
+    stage 2 does not change the adapter, so the stage-2 system shares stage 1's. ``adapter_dtype`` stores
+    the adapter's weights in that type (``torch.float16`` for the shipped one). ``extra(tmp)`` may add more
+    to the folder before it moves into place."""
     def write(tmp: Path) -> None:
         save_fused(model.fused, tmp / "fused", lm_dir=lm_dir, clip_dir=clip_dir)
         if adapter_dir is None:
-            model.adapter.save_pretrained(tmp / "adapter")
+            model.adapter.save_pretrained(tmp / "adapter", dtype=adapter_dtype)
         meta = {"diffusion_dir": diffusion_dir, "adapter_dir": adapter_dir or "adapter",
                 "context_tokens": model.context_tokens, "visual_layer": model.visual_layer,
                 "lm_layers": list(model.lm_layers), "record": record or {}}

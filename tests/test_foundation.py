@@ -52,3 +52,34 @@ def test_fusion_stage_trains_on_the_shipped_lm_and_clip_and_stage1_needs_it(tmp_
     model, _ = load_fused(tmp_path / "fusion")
     assert model.gate_value() == pytest.approx(record["metrics"]["gate"])
     assert json.loads((tmp_path / "manifest.json").read_text())["fusion"]["recipe"]["tokens_per_image"] == 9
+
+
+def test_stage2_needs_stage1_and_trains_on_it(tmp_path):
+    import shutil
+
+    from m2chat_lite.config import get_config
+    from m2chat_lite.diffusion import TinyDiffusionPipeline
+    from m2chat_lite.foundation import REFERENCE_DIR
+    from m2chat_lite.fusion import load_fused
+    from m2chat_lite.m3ft import build_m2chat, load_system, save_system
+
+    for part in ("clip", "lm", "diffusion", "fusion"):
+        shutil.copytree(REFERENCE_DIR / part, tmp_path / part)
+    with pytest.raises(FileNotFoundError, match="no stage-1 system.*--stage stage1"):
+        run_stage("stage2", tmp_path, steps=1, progress=False)
+    fused, _ = load_fused(tmp_path / "fusion")
+    model = build_m2chat(fused, TinyDiffusionPipeline.from_pretrained(tmp_path / "diffusion"), get_config("tiny"))
+    save_system(model, tmp_path / "stage1")  # an untrained adapter is enough: stage 2 never reads it
+    record = run_stage("stage2", tmp_path, steps=2, progress=False)
+    assert record["steps"] == 2 and {"vqa", "story", "dialogue", "fusion_gate"} <= set(record["metrics"])
+    assert 0 <= record["metrics"]["story"]["img_recall"] <= 1
+    assert not (tmp_path / "stage2" / "adapter").exists()  # it shares stage 1's
+    loaded, _, _ = load_system(tmp_path / "stage2")
+    assert loaded.fused.gate_value() == pytest.approx(record["metrics"]["fusion_gate"])
+
+
+def test_the_shipped_weights_stay_within_the_budget():
+    from m2chat_lite.foundation import REFERENCE_DIR
+
+    weights = sum(p.stat().st_size for p in REFERENCE_DIR.rglob("*.safetensors"))
+    assert weights < 30e6, f"the shipped tiny system holds {weights / 1e6:.1f} MB of weights, over 30 MB"

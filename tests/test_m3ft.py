@@ -166,3 +166,70 @@ def test_the_system_saves_and_loads_beside_its_shared_folders(tok, tmp_path):
     assert torch.allclose(a.prompt_embeds, b.prompt_embeds, atol=1e-5) and loaded.adapter.gate_mode == "static"
     with pytest.raises(FileNotFoundError, match="no M²Chat system"):
         m3ft.load_system(tmp_path / "nowhere")
+
+
+def test_the_stage2_loss_never_reads_the_adapter(tok):
+    model = system(tok)
+    batch = fusion.sample_batches(tok, m3ft.stage2_samples(6, seed=1), 4, 3)(0)
+    with torch.no_grad():
+        a = m3ft.stage2_loss(model, batch).item()
+        for param in model.adapter.parameters():
+            param.add_(1.0)
+        b = m3ft.stage2_loss(model, batch).item()
+    assert a == b
+
+
+def test_teacher_forced_scores_on_known_answers(tok, monkeypatch):
+    model = system(tok)
+    samples = make_samples("story", 3, seed=4)
+    forward = model.fused.forward
+    img0 = int(model.fused.gen_token_ids[0])
+
+    def oracle(input_ids, *args, **kwargs):
+        """Logits that put all weight on the true next token: a perfect LM for these ids."""
+        out = forward(input_ids, *args, **kwargs)
+        logits = torch.full_like(out.logits, -1e4)
+        logits[:, :-1].scatter_(-1, input_ids[:, 1:, None], 1e4)
+        out.logits = logits
+        return out
+
+    monkeypatch.setattr(model.fused, "forward", oracle)
+    perfect = m3ft.teacher_forced_scores(model.fused, tok, samples, batch_size=2)
+    assert perfect["token_accuracy"] == 1.0 and perfect["img_recall"] == 1.0 and perfect["img_precision"] == 1.0
+    assert perfect["loss"] < 1e-3 and perfect["n"] == 3
+
+    def never_draws(input_ids, *args, **kwargs):
+        out = oracle(input_ids, *args, **kwargs)
+        out.logits[..., img0] = -1e5
+        return out
+
+    monkeypatch.setattr(model.fused, "forward", never_draws)
+    blind = m3ft.teacher_forced_scores(model.fused, tok, samples)
+    assert blind["img_recall"] == 0.0 and blind["img_precision"] == 0.0 and blind["token_accuracy"] < 1.0
+    with pytest.raises(ValueError, match="at least one sample"):
+        m3ft.teacher_forced_scores(model.fused, tok, [])
+
+
+def test_a_half_precision_adapter_and_a_shared_adapter_folder_load(tok, tmp_path):
+    from m2chat_lite.encoders import load_clip, save_clip
+
+    set_seed(0)
+    save_clip(build_clip(CONFIG, tok), tok, tmp_path / "clip")
+    backbone.save_lm(backbone.build_lm(CONFIG, tok), tok, tmp_path / "lm")
+    clip, _ = load_clip(tmp_path / "clip")
+    lm, _ = backbone.load_lm(tmp_path / "lm")
+    pipeline = D.TinyDiffusionPipeline(D.build_unet(CONFIG), D.build_schedulers()[1], clip, tok)
+    pipeline.save_pretrained(tmp_path / "diffusion", text_encoder_dir="../clip")
+    model = m3ft.build_m2chat(fusion.build_fused_lm(lm, clip, tok, tokens_per_image=4, lora_rank=4), pipeline, CONFIG)
+    m3ft.save_system(model, tmp_path / "stage1", adapter_dtype=torch.float16)
+    m3ft.save_system(model, tmp_path / "stage2", adapter_dir="../stage1/adapter")
+    assert not (tmp_path / "stage2" / "adapter").exists()
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "stage1" / "adapter" / "adapter.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    half, _, _ = m3ft.load_system(tmp_path / "stage2")
+    assert all(p.dtype == torch.float32 for p in half.adapter.parameters())
+    for name, param in model.adapter.named_parameters():
+        assert torch.equal(dict(half.adapter.named_parameters())[name], param.detach().half().float())
+    assert half.source["lm"] == (tmp_path / "lm").resolve() and half.source["diffusion"] == (tmp_path / "diffusion").resolve()
