@@ -6,10 +6,12 @@ Introduced in notebook ``00_welcome``. Subcommands available now:
     m2chat-lite data --benchmark [--out D] [--force]   write the frozen ShapeWorld benchmark split
     m2chat-lite data --verify [--out D]    check the split against its manifest
     m2chat-lite train --preset tiny --stage clip|lm|diffusion|foundation|fusion|stage1|stage2|all [--steps N | --minutes M] [--out D]
-    m2chat-lite generate --prompt TEXT [--n N] [--seed S] [--out D] [--model D]
-    m2chat-lite demo                        the end-to-end demo (arrives with the M²Chat issue)
+    m2chat-lite generate --prompt TEXT [--n N] [--seed S] [--out D] [--via generator|m2chat] [--model D]
+    m2chat-lite demo [--out page.html] [--story TEXT] [--sample]   an illustrated story and a dialogue, as HTML
+    m2chat-lite chat [--out D]             a chat in the terminal; pictures saved as PNG files
+    m2chat-lite eval [--suite t2i story dialog vqa | all] [--json F] [--limit N]   benchmark scores
 
-To add a subcommand (``train``, ``generate``, ``eval``, ``chat``): write ``add_<name>_parser`` that
+To add a subcommand (e.g. ``eval``): write ``add_<name>_parser`` that
 registers its arguments and ``set_defaults(handler=run_<name>)``, write ``run_<name>(args) -> int``,
 and list the parser in ``SUBCOMMANDS``. Handlers import heavy modules lazily so ``--help`` stays fast.
 """
@@ -178,8 +180,12 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n", type=int, default=4, help="how many pictures")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
+    parser.add_argument("--via", choices=("generator", "m2chat"), default="generator",
+                        help="generator: the caption through the generator's own text encoder; m2chat: through "
+                             "the whole system (the LM reads it and writes [IMG0..K-1], the adapter conditions the "
+                             "generator)")
     parser.add_argument("--model", type=Path, default=None,
-                        help="a generator folder (default: the shipped data/checkpoints/tiny/diffusion)")
+                        help="a generator folder, or with --via m2chat a system folder (default: the shipped one)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the recipe's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the recipe's)")
     parser.set_defaults(handler=run_generate)
@@ -198,10 +204,20 @@ def run_generate(args: argparse.Namespace) -> int:
     from .diffusion import TinyDiffusionPipeline, reference_pipeline_dir
     from .utils import atomic_write
 
-    pipeline = TinyDiffusionPipeline.from_pretrained(args.model or reference_pipeline_dir("tiny"))
     kwargs = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance)) if v}
-    generator = torch.Generator().manual_seed(args.seed)
-    images = pipeline(prompt=[args.prompt] * args.n, generator=generator, **kwargs)
+    if args.via == "m2chat":
+        from .data import tensor_to_image
+        from .pipeline import M2ChatPipeline
+
+        m2chat = M2ChatPipeline.from_pretrained(args.model, device="cpu")
+        context = m2chat.encode([{"role": "user", "content": args.prompt}])
+        context.ids += m2chat.gen_ids  # the caption pair's reply: the [IMG] span, written for the LM
+        images = [tensor_to_image(m2chat.draw(context, seed=args.seed * 1_000_003 + i, **kwargs)[0])
+                  for i in range(args.n)]
+    else:
+        pipeline = TinyDiffusionPipeline.from_pretrained(args.model or reference_pipeline_dir("tiny"))
+        generator = torch.Generator().manual_seed(args.seed)
+        images = pipeline(prompt=[args.prompt] * args.n, generator=generator, **kwargs)
     args.out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         path = args.out / f"{args.seed}-{i}.png"
@@ -349,6 +365,42 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------------
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="score a system on the frozen benchmark: a table and a JSON file")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="an M²Chat system folder (default: the shipped one in data/checkpoints/tiny)")
+    parser.add_argument("--suite", nargs="+", default=["all"], choices=["t2i", "story", "dialog", "vqa", "all"],
+                        help="which suites (default: all)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--split", choices=("test", "heldout"), default="test")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N samples of each task")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        print(f"m2chat-lite eval: --limit must be at least 1, got {args.limit}", file=sys.stderr)
+        return EXIT_USAGE
+    from .evaluation import SUITES, format_table, run, save_json
+    from .pipeline import M2ChatPipeline
+
+    pipeline = M2ChatPipeline.from_pretrained(args.model, device=None if args.device == "auto" else args.device)
+    suites = SUITES if "all" in args.suite else tuple(dict.fromkeys(args.suite))
+    results = run(pipeline, suites, split=args.split, limit=args.limit, seed=args.seed)
+    print(format_table(results))
+    if args.json:
+        save_json(results, args.json)
+        print(f"results: {args.json}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 
@@ -359,6 +411,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_generate_parser,
     add_demo_parser,
     add_chat_parser,
+    add_eval_parser,
 ]
 
 

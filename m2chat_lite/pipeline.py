@@ -284,6 +284,43 @@ class M2ChatPipeline:
         message = {"role": "assistant", "content": content}
         return Reply(message, finished, written, time.perf_counter() - start)
 
+    @torch.no_grad()
+    def illustrate(self, messages: Sequence[dict], seed: int = 0, **generator_kwargs) -> list[dict]:
+        """Draw every picture of the assistant's turns that has none (``{"type": "image"}``), with the words
+        as given: the LM reads the conversation up to each ``[IMG]`` span, its own earlier pictures
+        included, and the adapter and generator draw. This is how a benchmark story or dialogue is
+        illustrated by the system with its text held fixed (notebook 10). Returns a copy of ``messages``
+        with the pictures (and their gates) filled in."""
+        done: list[dict] = []
+        drawn = 0
+        for message in messages:
+            content = message["content"]
+            if message["role"] != "assistant" or isinstance(content, str):
+                done.append(message)
+                continue
+            context = self.encode(done) if done and done[-1]["role"] == "user" else None
+            if context is None:
+                raise ValueError("an assistant turn to illustrate must follow a user turn")
+            segments = []
+            for segment in content:
+                if segment.get("type") == "text":
+                    context.ids += self.tokenizer(segment["text"], add_special_tokens=False,
+                                                  split_special_tokens=True)["input_ids"]
+                    segments.append(segment)
+                    continue
+                picture, gate = segment.get("image"), segment.get("gate")
+                context.ids += self.gen_ids
+                self._check_length(context, self.model.fused.tokens_per_image)
+                if picture is None:
+                    tensor, gate = self.draw(context, seed * 1_000_003 + drawn, **generator_kwargs)
+                    picture = tensor_to_image(tensor)
+                context.ids += [self.image_id] * self.model.fused.tokens_per_image
+                context.pictures.append(image_to_tensor(load_image(picture, size=self.image_size)))
+                segments.append({"type": "image", "image": picture, "gate": gate})
+                drawn += 1
+            done.append({"role": "assistant", "content": segments})
+        return done
+
     # --- the two ways the course uses it -----------------------------------------------------------
 
     def story(self, subject: str, frames: int = 4, **chat_kwargs) -> list[dict]:

@@ -23,15 +23,18 @@ from .utils import atomic_write_text
 
 PICTURE_SCALE = 4  # 32x32 pictures are stored upscaled 4x with nearest-neighbour pixels, so they stay crisp
 
+# Scoped to .m2chat, so the widget does not restyle the notebook around it; the page adds its body style
 _STYLE = """
+.m2chat .turn { margin: .6rem 0; padding: .6rem .8rem; border-radius: .5rem; }
+.m2chat .user { background: #eef3fb; } .m2chat .assistant { background: #f4f4f4; }
+.m2chat .role { font-size: .75rem; text-transform: uppercase; color: #777; }
+.m2chat figure { display: inline-block; margin: .3rem .5rem .3rem 0; text-align: center; }
+.m2chat figure img { image-rendering: pixelated; border: 1px solid #ccc; }
+.m2chat figcaption { font-size: .7rem; color: #777; }
+"""
+_PAGE_STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 46rem; margin: 2rem auto; color: #222; }
 h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 2rem; }
-.turn { margin: .6rem 0; padding: .6rem .8rem; border-radius: .5rem; }
-.user { background: #eef3fb; } .assistant { background: #f4f4f4; }
-.role { font-size: .75rem; text-transform: uppercase; color: #777; }
-figure { display: inline-block; margin: .3rem .5rem .3rem 0; text-align: center; }
-figure img { image-rendering: pixelated; border: 1px solid #ccc; }
-figcaption { font-size: .7rem; color: #777; }
 """
 
 
@@ -57,8 +60,8 @@ def message_html(message: dict) -> str:
 
 
 def conversation_html(messages: Sequence[dict]) -> str:
-    """The turns of one conversation as an HTML fragment."""
-    return "\n".join(message_html(m) for m in messages)
+    """The turns of one conversation as an HTML fragment (styled by ``_STYLE``)."""
+    return '<div class="m2chat">' + "\n".join(message_html(m) for m in messages) + "</div>"
 
 
 def page_html(sections: Sequence[tuple[str, Sequence[dict]]], title: str = "M²Chat", note: str = "") -> str:
@@ -67,7 +70,7 @@ def page_html(sections: Sequence[tuple[str, Sequence[dict]]], title: str = "M²C
     for heading, messages in sections:
         body += [f"<h2>{html.escape(heading)}</h2>", conversation_html(messages)]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+            f"<style>{_PAGE_STYLE}{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
 def save_html(sections, path, title: str = "M²Chat", note: str = "") -> Path:

@@ -39,6 +39,10 @@ ALTERNATE_PARAMETERS: dict[str, dict | list[dict]] = {
                                     "eval_questions": 20, "device": "cpu"},
     "06_m3adapter": {"seed": 1, "max_steps": 4, "batch_size": 4, "gate_mode": "static", "eval_prompts": 8,
                      "device": "cpu"},
+    "07_m3ft_stage1_alignment": {"seed": 1, "max_steps": 4, "batch_size": 4, "learning_rate": 1e-3,
+                                 "eval_prompts": 8, "device": "cpu"},
+    "08_m3ft_stage2_instruction": {"seed": 1, "max_steps": 4, "batch_size": 4, "eval_samples": 8, "device": "cpu"},
+    "09_interleaved_chat": {"seed": 1, "story_subject": "a big blue circle", "temperature": 1.2, "device": "cpu"},
 }
 
 NOTEBOOKS = find_notebooks()

@@ -15,6 +15,7 @@ import torch
 from m2chat_lite import backbone, diffusion as D, fusion, m3ft
 from m2chat_lite.cli import main
 from m2chat_lite.config import get_config
+from m2chat_lite.data import tensor_to_image
 from m2chat_lite.encoders import build_clip, load_clip, save_clip
 from m2chat_lite.pipeline import M2ChatPipeline, story_frames, user_message
 from m2chat_lite.tokenizer import IMAGE_TOKEN
@@ -258,3 +259,61 @@ def test_story_frames_pair_each_picture_with_the_words_before_it():
         {"type": "image", "image": blue}, {"type": "text", "text": "the end."}]}
     sentences, pictures = story_frames(message)
     assert sentences == ["a red one.", ""] and pictures == [red, blue]
+
+
+def test_generate_can_draw_through_the_whole_system(system_dir, tmp_path, capsys):
+    out = tmp_path / "pictures"
+    assert main(["generate", "--prompt", "a red circle", "--n", "2", "--via", "m2chat", "--model", str(system_dir),
+                 "--out", str(out)]) == 0
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 2 and PIL.Image.open(files[0]).size == (32, 32)
+    assert files[0].read_bytes() != files[1].read_bytes()  # each from its own noise
+
+
+def test_the_shipped_demo_tells_a_story_with_pictures(tmp_path, capsys):
+    """The README's main job, on the shipped system, as a user runs it."""
+    out = tmp_path / "demo.html"
+    assert main(["demo", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    story = printed.split("a story:")[1].split("a dialogue:")[0]
+    assert story.count("[picture]") >= 2 and "square" in story
+    page = out.read_text()
+    assert page.count("data:image/png") >= 5 and "An illustrated story" in page
+
+
+def test_illustrate_draws_the_missing_pictures_with_the_words_held_fixed(pipe):
+    from m2chat_lite.evaluation import messages_of
+    from m2chat_lite.world.samples import make_samples
+
+    story = make_samples("story", 1, seed=3)[0]
+    done = pipe.illustrate(messages_of(story), seed=2)
+    drawn = [s for s in done[1]["content"] if s["type"] == "image"]
+    assert len(drawn) == len(story.images()) and all(s["image"].size == (32, 32) for s in drawn)
+    assert drawn[0]["gate"] == 0.0 and all(g["gate"] > 0 for g in drawn[1:])  # the frame before is the reference
+    words = [s["text"] for s in done[1]["content"] if s["type"] == "text"]
+    assert words == [seg.text for seg in story.turns[1].content if hasattr(seg, "text")]
+    # a caption pair illustrated is the picture `generate --via m2chat` draws: the same context, seed and noise
+    messages = [{"role": "user", "content": "a red circle"}, {"role": "assistant", "content": [{"type": "image"}]}]
+    context = pipe.encode(messages[:1])
+    context.ids += pipe.gen_ids
+    expected, _ = pipe.draw(context, seed=5 * 1_000_003)
+    assert pipe.illustrate(messages, seed=5)[1]["content"][0]["image"].tobytes() == \
+        tensor_to_image(expected).tobytes()
+    with pytest.raises(ValueError, match="must follow a user turn"):
+        pipe.illustrate([{"role": "assistant", "content": [{"type": "image"}]}])
+
+
+def test_eval_runs_every_suite_on_a_few_samples(system_dir, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "scores.json"
+    assert main(["eval", "--model", str(system_dir), "--suite", "all", "--limit", "2", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results) == {"meta", "t2i", "story", "dialog", "vqa"}
+    assert results["t2i"]["n"] == 2 and 0 <= results["t2i"]["m2chat"]["exact"] <= 1
+    assert results["t2i"]["teacher"]["fid_tiny_clip"] >= 0 and results["story"]["frames"] >= 4
+    assert 0 <= results["story"]["consistency"] <= 1 and results["dialog"]["edits"] >= 1
+    assert 0 <= results["vqa"]["exact"] <= 1 and results["meta"]["seed"] == 0
+    printed = capsys.readouterr().out
+    assert "== story (2 samples" in printed and "consistency" in printed
+    assert main(["eval", "--model", str(system_dir), "--limit", "0"]) == 2

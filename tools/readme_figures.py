@@ -1,8 +1,8 @@
 """Draw the README's pictures into docs/: `python tools/readme_figures.py`.
 
-- docs/story.png: an illustrated story from the frozen benchmark split (ShapeWorld ground truth, drawn by
-  the package's renderer). Once the M²Chat pipeline exists, this script draws the story the tiny system
-  writes instead.
+- docs/story.png: the story the shipped tiny M²Chat writes and draws (`M2ChatPipeline.story`, greedy, seed 0),
+  beside a story from the frozen benchmark split (ShapeWorld ground truth, drawn by the renderer): what it
+  learned from.
 - docs/pipeline.png: the pipeline diagram of notebook 00.
 - docs/diffusion_samples.png: the reference diffusion generator (data/checkpoints/tiny/diffusion) drawing
   benchmark captions, one- and two-object test captions and held-out colour–shape pairs, each marked with
@@ -55,9 +55,21 @@ def save_diffusion_samples() -> None:
     save(fig, "diffusion_samples.png")
 
 
+def save_story() -> None:
+    from m2chat_lite.pipeline import M2ChatPipeline, story_frames
+
+    truth = load_benchmark("story", split="test")[1]
+    sentences, pictures = story_of(truth)
+    pipe = M2ChatPipeline.from_pretrained(device="cpu")
+    written = pipe.story("a small red square", seed=0)
+    ours, drawn = story_frames(written[-1])
+    fig = show_story(ours + sentences, drawn + pictures, size=1.9,
+                     title=f"left: the tiny M²Chat's story for \"{written[0]['content']}\" (greedy, seed 0) · "
+                           "right: a benchmark story (ground truth)")
+    save(fig, "story.png")
+
+
 if __name__ == "__main__":
-    story = load_benchmark("story", split="test")[1]
-    sentences, pictures = story_of(story)
-    save(show_story(sentences, pictures, size=1.9, title="user: " + story.turns[0].content[0].text), "story.png")
+    save_story()
     save(pipeline_diagram(highlight=("adapter",)), "pipeline.png")
     save_diffusion_samples()

@@ -1,0 +1,186 @@
+"""The benchmark harness: ``m2chat-lite eval --suite t2i|story|dialog|vqa|all`` (notebook 10).
+
+Each suite runs a system (an :class:`~m2chat_lite.pipeline.M2ChatPipeline`) on the frozen benchmark split and
+returns ``{metric: value}`` with the sample count and seed, using ``metrics.py``:
+
+- ``t2i``: benchmark captions drawn through the LM, the adapter and the generator, beside the generator fed
+  its own text encoder from the same noise (the upper-bound row): the oracle's scores, FID on the tiny
+  CLIP's features against the benchmark's own pictures, CLIP score;
+- ``story``: each benchmark story's words held fixed and its pictures drawn by the system
+  (``pipeline.illustrate``): frame–sentence alignment, the character's consistency, the gate; the written
+  part teacher-forced (loss, token accuracy, ``[IMG]`` placement) and, for ``text_samples`` stories, the
+  greedy story's BLEU against the benchmark's;
+- ``dialog``: each benchmark dialogue illustrated the same way: the first picture against its scene,
+  every later one as an edit of the one before (success on what changed, preservation of the rest);
+- ``vqa``: exact answers to the visual questions, per kind.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from . import metrics
+from .benchmark import load_benchmark
+from .data import Image, Sample
+from .world import Obj
+from .world.samples import scenes_of
+
+SUITES = ("t2i", "story", "dialog", "vqa")
+
+
+def messages_of(sample: Sample) -> list[dict]:
+    """A benchmark conversation as pipeline messages: the user's pictures loaded, the assistant's pictures
+    left empty (``{"type": "image"}``) for ``pipeline.illustrate`` to draw."""
+    messages = []
+    for turn in sample.turns:
+        content = []
+        for segment in turn.content:
+            if isinstance(segment, Image):
+                content.append({"type": "image"} if turn.role == "assistant" else {"type": "image", "image": segment.load()})
+            else:
+                content.append({"type": "text", "text": segment.text})
+        messages.append({"role": turn.role, "content": content})
+    return messages
+
+
+def _drawn(messages: Sequence[dict]) -> list[dict]:
+    return [s for m in messages if m["role"] == "assistant" for s in m["content"] if s["type"] == "image"]
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def eval_t2i(pipe, samples: Sequence[Sample], seed: int = 0) -> dict:
+    from .diffusion import evaluate_generator
+    from .encoders import clip_score
+    from .m3ft import evaluate_alignment
+
+    clip, tokenizer = pipe.generator.text_encoder, pipe.generator.tokenizer
+    real = [s.images()[0].load() for s in samples]
+    captions = [s.meta["caption"] for s in samples]
+    rows = {"m2chat": evaluate_alignment(pipe.model, pipe.tokenizer, pipe.generator, samples, seed=seed,
+                                         return_images=True),
+            "teacher": evaluate_generator(pipe.generator, samples, seed=seed, return_images=True)}
+    out = {}
+    for name, r in rows.items():
+        pictures = r.pop("images")
+        out[name] = {"exact": r["all"]["all"]["exact"], "exact_1_object": r["all"]["1 object"]["exact"],
+                     **{k: r["all"]["all"][k] for k in ("position", "shape", "color", "size", "count")},
+                     "fid_tiny_clip": metrics.fid(clip, real, pictures),
+                     "clip_score": clip_score(clip, tokenizer, metrics._as_batch(pictures), captions),
+                     "seconds_per_image": r["seconds_per_image"]}
+    out["real_pictures_clip_score"] = clip_score(clip, tokenizer, metrics._as_batch(real), captions)
+    out["gap_exact_points"] = 100 * (out["teacher"]["exact"] - out["m2chat"]["exact"])
+    return out
+
+
+def eval_story(pipe, samples: Sequence[Sample], seed: int = 0, text_samples: int = 20, progress: bool = True) -> dict:
+    from .m3ft import teacher_forced_scores
+    from .pipeline import story_frames
+
+    rows, gates = [], []
+    for sample in tqdm(samples, desc="stories", disable=not progress):
+        drawn = _drawn(pipe.illustrate(messages_of(sample), seed=seed))
+        rows.append(metrics.story_scores([s["image"] for s in drawn], scenes_of(sample), Obj(**sample.meta["character"])))
+        gates += [s["gate"] for s in drawn[1:]]
+    written = teacher_forced_scores(pipe.model.fused, pipe.tokenizer, list(samples))
+    candidates, references = [], []
+    for sample in list(samples)[:text_samples]:
+        request = sample.turns[0].content[0].text
+        reply = pipe.chat([{"role": "user", "content": request}], seed=seed)
+        candidates.append(" ".join(story_frames(reply.message)[0]))
+        references.append(" ".join(seg.text for seg in sample.turns[1].content if not isinstance(seg, Image)))
+    return {"alignment_exact": _mean(r["alignment"]["exact"] for r in rows),
+            **{f"alignment_{k}": _mean(r["alignment"][k] for r in rows) for k in ("position", "shape", "color", "size")},
+            "consistency": _mean(r["consistency"] for r in rows), "gate_mean": _mean(gates),
+            "text_loss": written["loss"], "text_token_accuracy": written["token_accuracy"],
+            "img_recall": written["img_recall"], "img_precision": written["img_precision"],
+            "bleu_greedy_story": metrics.bleu(candidates, references) if candidates else None,
+            "bleu_samples": len(candidates), "frames": sum(r["frames"] for r in rows)}
+
+
+def eval_dialog(pipe, samples: Sequence[Sample], seed: int = 0, progress: bool = True) -> dict:
+    first, edits, gates = [], [], []
+    for sample in tqdm(samples, desc="dialogues", disable=not progress):
+        messages = pipe.illustrate(messages_of(sample), seed=seed)
+        scenes = scenes_of(sample)
+        index = 0
+        for message in messages:
+            for segment in message["content"] if not isinstance(message["content"], str) else []:
+                if segment["type"] != "image":
+                    continue
+                if message["role"] == "assistant":
+                    if index == 0:
+                        first.append(metrics.scene_scores([segment["image"]], [scenes[0]])["exact"])
+                    else:
+                        edits.append(metrics.edit_scores(segment["image"], scenes[index - 1], scenes[index]))
+                        gates.append(segment["gate"])
+                index += 1
+    return {"first_picture_exact": _mean(first), "edit_success": _mean(e["success"] for e in edits),
+            "edit_preservation": _mean(e["preservation"] for e in edits), "edit_exact": _mean(e["exact"] for e in edits),
+            "gate_mean": _mean(gates), "edits": len(edits), "first_pictures": len(first)}
+
+
+def eval_vqa(pipe, samples: Sequence[Sample]) -> dict:
+    from .fusion import vqa_accuracy
+
+    result = vqa_accuracy(pipe.model.fused, pipe.tokenizer, list(samples))
+    return {"exact": metrics.exact_match(result["replies"], [s.meta["answer"] for s in samples]),
+            **{f"exact_{kind}": value for kind, value in result["per_kind"].items()}}
+
+
+BENCHMARK_TASK = {"t2i": "caption", "story": "story", "dialog": "dialogue", "vqa": "vqa"}
+
+
+def run(pipe, suites: Sequence[str] = SUITES, split: str = "test", limit: int | None = None, seed: int = 0,
+        progress: bool = True) -> dict:
+    """Run ``suites`` on the benchmark ``split`` (the first ``limit`` samples of each task, or all):
+    ``{suite: {metric: value, "n": samples, "seconds": ...}, "meta": {...}}``."""
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)} or all")
+    results = {"meta": {"split": split, "seed": seed, "limit": limit, "system": pipe.model.record}}
+    for suite in suites:
+        samples = load_benchmark(BENCHMARK_TASK[suite], split=split)[:limit]
+        start = time.perf_counter()
+        if suite == "t2i":
+            scores = eval_t2i(pipe, samples, seed)
+        elif suite == "story":
+            scores = eval_story(pipe, samples, seed, progress=progress)
+        elif suite == "dialog":
+            scores = eval_dialog(pipe, samples, seed, progress=progress)
+        else:
+            scores = eval_vqa(pipe, samples)
+        results[suite] = {**scores, "n": len(samples), "seed": seed, "seconds": time.perf_counter() - start}
+    return results
+
+
+def format_table(results: dict) -> str:
+    """The results as a two-column text table, one block per suite (rows in the teacher/m2chat pairs
+    flattened as ``m2chat.exact``)."""
+    lines = []
+    for suite, scores in results.items():
+        if suite == "meta":
+            continue
+        lines.append(f"== {suite} ({scores['n']} samples, seed {scores['seed']}, {scores['seconds']:.0f} s) ==")
+        for key, value in scores.items():
+            if key in ("n", "seed", "seconds"):
+                continue
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, v in items:
+                name = f"{key}.{sub}" if sub else key
+                shown = "—" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+                lines.append(f"  {name:<34} {shown}")
+    return "\n".join(lines)
+
+
+def save_json(results: dict, path) -> None:
+    from .utils import atomic_write_json
+
+    atomic_write_json(path, json.loads(json.dumps(results, default=str)))
