@@ -47,6 +47,38 @@ def messages_of(sample: Sample) -> list[dict]:
     return messages
 
 
+def illustrate_two_step(pipe, messages: Sequence[dict], seed: int = 0) -> list[dict]:
+    """The baseline a user would build without M²Chat: each picture the assistant draws is drawn from the
+    words just before it (or, if there are none, the user's last words) by the generator with its own text
+    encoder. No hidden states, no reference picture. Same noise as ``pipe.illustrate``."""
+    import torch
+
+    from .data import tensor_to_image
+
+    done, drawn, last_user = [], 0, ""
+    for message in messages:
+        content = message["content"]
+        if message["role"] == "user":
+            last_user = content if isinstance(content, str) else " ".join(
+                s.get("text", "") for s in content if s.get("type") == "text")
+        if message["role"] != "assistant" or isinstance(content, str):
+            done.append(message)
+            continue
+        segments, words = [], last_user
+        for segment in content:
+            if segment.get("type") == "text":
+                words = segment["text"]
+                segments.append(segment)
+                continue
+            noise = torch.randn(1, 3, pipe.image_size, pipe.image_size,
+                                generator=torch.Generator().manual_seed(seed * 1_000_003 + drawn))
+            picture = pipe.generator(prompt=[words], latents=noise, output_type="pt")[0]
+            segments.append({"type": "image", "image": tensor_to_image(picture), "gate": None})
+            drawn += 1
+        done.append({"role": "assistant", "content": segments})
+    return done
+
+
 def _drawn(messages: Sequence[dict]) -> list[dict]:
     return [s for m in messages if m["role"] == "assistant" for s in m["content"] if s["type"] == "image"]
 
@@ -80,15 +112,22 @@ def eval_t2i(pipe, samples: Sequence[Sample], seed: int = 0) -> dict:
     return out
 
 
-def eval_story(pipe, samples: Sequence[Sample], seed: int = 0, text_samples: int = 20, progress: bool = True) -> dict:
+def _illustrate(pipe, sample: Sample, seed: int, two_step: bool) -> list[dict]:
+    messages = messages_of(sample)
+    return illustrate_two_step(pipe, messages, seed) if two_step else pipe.illustrate(messages, seed=seed)
+
+
+def eval_story(pipe, samples: Sequence[Sample], seed: int = 0, text_samples: int = 20, progress: bool = True,
+               two_step: bool = False) -> dict:
+    """``two_step=True`` draws the frames with :func:`illustrate_two_step` (the baseline row)."""
     from .m3ft import teacher_forced_scores
     from .pipeline import story_frames
 
     rows, gates = [], []
     for sample in tqdm(samples, desc="stories", disable=not progress):
-        drawn = _drawn(pipe.illustrate(messages_of(sample), seed=seed))
+        drawn = _drawn(_illustrate(pipe, sample, seed, two_step))
         rows.append(metrics.story_scores([s["image"] for s in drawn], scenes_of(sample), Obj(**sample.meta["character"])))
-        gates += [s["gate"] for s in drawn[1:]]
+        gates += [s["gate"] for s in drawn[1:] if s["gate"] is not None]
     written = teacher_forced_scores(pipe.model.fused, pipe.tokenizer, list(samples))
     candidates, references = [], []
     for sample in list(samples)[:text_samples]:
@@ -105,10 +144,11 @@ def eval_story(pipe, samples: Sequence[Sample], seed: int = 0, text_samples: int
             "bleu_samples": len(candidates), "frames": sum(r["frames"] for r in rows)}
 
 
-def eval_dialog(pipe, samples: Sequence[Sample], seed: int = 0, progress: bool = True) -> dict:
+def eval_dialog(pipe, samples: Sequence[Sample], seed: int = 0, progress: bool = True, two_step: bool = False) -> dict:
+    """``two_step=True`` draws the pictures with :func:`illustrate_two_step` (the baseline row)."""
     first, edits, gates = [], [], []
     for sample in tqdm(samples, desc="dialogues", disable=not progress):
-        messages = pipe.illustrate(messages_of(sample), seed=seed)
+        messages = _illustrate(pipe, sample, seed, two_step)
         scenes = scenes_of(sample)
         index = 0
         for message in messages:
@@ -120,7 +160,8 @@ def eval_dialog(pipe, samples: Sequence[Sample], seed: int = 0, progress: bool =
                         first.append(metrics.scene_scores([segment["image"]], [scenes[0]])["exact"])
                     else:
                         edits.append(metrics.edit_scores(segment["image"], scenes[index - 1], scenes[index]))
-                        gates.append(segment["gate"])
+                        if segment["gate"] is not None:
+                            gates.append(segment["gate"])
                 index += 1
     return {"first_picture_exact": _mean(first), "edit_success": _mean(e["success"] for e in edits),
             "edit_preservation": _mean(e["preservation"] for e in edits), "edit_exact": _mean(e["exact"] for e in edits),

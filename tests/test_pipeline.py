@@ -317,3 +317,16 @@ def test_eval_runs_every_suite_on_a_few_samples(system_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "== story (2 samples" in printed and "consistency" in printed
     assert main(["eval", "--model", str(system_dir), "--limit", "0"]) == 2
+
+
+def test_the_two_step_baseline_draws_from_the_words_before_each_picture(pipe):
+    from m2chat_lite.evaluation import illustrate_two_step, messages_of
+    from m2chat_lite.world.samples import make_samples
+
+    story = make_samples("story", 1, seed=3)[0]
+    done = illustrate_two_step(pipe, messages_of(story), seed=1)
+    drawn = [s for s in done[1]["content"] if s["type"] == "image"]
+    assert len(drawn) == len(story.images()) and all(s["gate"] is None for s in drawn)
+    first_words = story.turns[1].content[0].text
+    noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1 * 1_000_003))
+    assert drawn[0]["image"].tobytes() == pipe.generator(prompt=[first_words], latents=noise)[0].tobytes()
