@@ -27,6 +27,7 @@ span in any case.
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -236,8 +237,6 @@ class M2ChatPipeline:
         fixes the sampling and each picture's starting noise. At most ``max_pictures`` pictures per reply
         (after that ``[IMG0]`` is not allowed). ``num_inference_steps`` and ``guidance_scale`` go to the
         generator (default: its recipe's)."""
-        import time
-
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if do_sample and temperature <= 0:
@@ -247,7 +246,7 @@ class M2ChatPipeline:
         context = self.encode(messages)
         generator = torch.Generator().manual_seed(seed)
         k, v = len(self.gen_ids), self.model.fused.tokens_per_image
-        content, words, written, finished = [], [], 0, False
+        content, words, written, pictures, finished = [], [], 0, 0, False
         drawn = sum(1 for m in messages for s in (m["content"] if not isinstance(m["content"], str) else [])
                     if isinstance(s, dict) and s.get("type") == "image")
 
@@ -258,9 +257,8 @@ class M2ChatPipeline:
             words.clear()
 
         while written < max_new_tokens:
-            pictures_left = len([s for s in content if s["type"] == "image"]) < max_pictures
             room = len(context.ids) + k + v + 1 <= self.max_length
-            token = self.next_token(context, pictures_left and room, do_sample, temperature, top_k, generator)
+            token = self.next_token(context, pictures < max_pictures and room, do_sample, temperature, top_k, generator)
             if token == self.end_id:
                 finished = True
                 break
@@ -274,8 +272,8 @@ class M2ChatPipeline:
             context.ids += self.gen_ids  # the whole span: the adapter reads it
             picture, gate = self.draw(context, seed * 1_000_003 + drawn, num_inference_steps=num_inference_steps,
                                        guidance_scale=guidance_scale)
-            drawn += 1
-            context.ids += expand_image_tokens([self.image_id], None, self.image_id, v)[0]
+            drawn, pictures = drawn + 1, pictures + 1
+            context.ids += [self.image_id] * v  # the picture's V slots, as expand_image_tokens writes <image>
             image = tensor_to_image(picture)
             context.pictures.append(image_to_tensor(image))  # as 8-bit, like any picture read from a file
             content.append({"type": "image", "image": image, "gate": gate})
