@@ -143,16 +143,23 @@ def test_alignment_is_scored_like_the_teacher_row(tok):
         m3ft.evaluate_alignment(model, tok, pipeline, make_samples("story", 1))
 
 
-def test_the_system_saves_and_loads_beside_its_shared_folders(tok, tmp_path):
+def saved_parts(tok, folder):
+    """A random LM, CLIP and generator saved in ``folder`` as the shipped ones are, loaded back:
+    ``(lm, clip, pipeline)``."""
     from m2chat_lite.encoders import load_clip, save_clip
 
     set_seed(0)
-    save_clip(build_clip(CONFIG, tok), tok, tmp_path / "clip")
-    backbone.save_lm(backbone.build_lm(CONFIG, tok), tok, tmp_path / "lm")
-    clip, _ = load_clip(tmp_path / "clip")
-    lm, _ = backbone.load_lm(tmp_path / "lm")
+    save_clip(build_clip(CONFIG, tok), tok, folder / "clip")
+    backbone.save_lm(backbone.build_lm(CONFIG, tok), tok, folder / "lm")
+    clip, _ = load_clip(folder / "clip")
+    lm, _ = backbone.load_lm(folder / "lm")
     pipeline = D.TinyDiffusionPipeline(D.build_unet(CONFIG), D.build_schedulers()[1], clip, tok)
-    pipeline.save_pretrained(tmp_path / "diffusion", text_encoder_dir="../clip")
+    pipeline.save_pretrained(folder / "diffusion", text_encoder_dir="../clip")
+    return lm, clip, pipeline
+
+
+def test_the_system_saves_and_loads_beside_its_shared_folders(tok, tmp_path):
+    lm, clip, pipeline = saved_parts(tok, tmp_path)
     fused = fusion.build_fused_lm(lm, clip, tok, tokens_per_image=4, lora_rank=4)
     model = m3ft.build_m2chat(fused, pipeline, CONFIG, gate_mode="static")
     model.adapter.static_gate.data.fill_(0.2)
@@ -211,15 +218,7 @@ def test_teacher_forced_scores_on_known_answers(tok, monkeypatch):
 
 
 def test_a_half_precision_adapter_and_a_shared_adapter_folder_load(tok, tmp_path):
-    from m2chat_lite.encoders import load_clip, save_clip
-
-    set_seed(0)
-    save_clip(build_clip(CONFIG, tok), tok, tmp_path / "clip")
-    backbone.save_lm(backbone.build_lm(CONFIG, tok), tok, tmp_path / "lm")
-    clip, _ = load_clip(tmp_path / "clip")
-    lm, _ = backbone.load_lm(tmp_path / "lm")
-    pipeline = D.TinyDiffusionPipeline(D.build_unet(CONFIG), D.build_schedulers()[1], clip, tok)
-    pipeline.save_pretrained(tmp_path / "diffusion", text_encoder_dir="../clip")
+    lm, clip, pipeline = saved_parts(tok, tmp_path)
     model = m3ft.build_m2chat(fusion.build_fused_lm(lm, clip, tok, tokens_per_image=4, lora_rank=4), pipeline, CONFIG)
     m3ft.save_system(model, tmp_path / "stage1", adapter_dtype=torch.float16)
     m3ft.save_system(model, tmp_path / "stage2", adapter_dir="../stage1/adapter")
