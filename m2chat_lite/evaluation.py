@@ -105,9 +105,9 @@ def eval_t2i(pipe, samples: Sequence[Sample], seed: int = 0) -> dict:
         out[name] = {"exact": r["all"]["all"]["exact"], "exact_1_object": r["all"]["1 object"]["exact"],
                      **{k: r["all"]["all"][k] for k in ("position", "shape", "color", "size", "count")},
                      "fid_tiny_clip": metrics.fid(clip, real, pictures),
-                     "clip_score": clip_score(clip, tokenizer, metrics._as_batch(pictures), captions),
+                     "clip_score": clip_score(clip, tokenizer, metrics.picture_batch(pictures), captions),
                      "seconds_per_image": r["seconds_per_image"]}
-    out["real_pictures_clip_score"] = clip_score(clip, tokenizer, metrics._as_batch(real), captions)
+    out["real_pictures_clip_score"] = clip_score(clip, tokenizer, metrics.picture_batch(real), captions)
     out["gap_exact_points"] = 100 * (out["teacher"]["exact"] - out["m2chat"]["exact"])
     return out
 

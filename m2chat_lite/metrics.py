@@ -55,7 +55,8 @@ def frechet_distance(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.nd
     return float(max(distance, 0.0))
 
 
-def _as_batch(pictures) -> torch.Tensor:
+def picture_batch(pictures) -> torch.Tensor:
+    """Pictures (a PIL list, or already a tensor) as one ``[N, 3, H, W]`` tensor in [-1, 1]."""
     if isinstance(pictures, torch.Tensor):
         return pictures
     return torch.stack([image_to_tensor(p) for p in pictures])
@@ -64,7 +65,7 @@ def _as_batch(pictures) -> torch.Tensor:
 @torch.no_grad()
 def image_features(clip, pictures, batch_size: int = 100) -> torch.Tensor:
     """The tiny CLIP's image embeddings ``[N, d]`` of pictures (PIL list, or a tensor in [-1, 1])."""
-    pictures = _as_batch(pictures)
+    pictures = picture_batch(pictures)
     return torch.cat([encode_images(clip, pictures[i:i + batch_size])[1]
                       for i in range(0, len(pictures), batch_size)]).float().cpu()
 
@@ -90,7 +91,7 @@ def inception_fid(real_pictures, fake_pictures) -> tuple[float | None, str]:
         return None, f"skipped: the Inception weights are not in {weights.parent} (nothing is downloaded)"
     metric = FrechetInceptionDistance(feature=2048, normalize=True)
     for pictures, real in ((real_pictures, True), (fake_pictures, False)):
-        metric.update((_as_batch(pictures) + 1) / 2, real=real)
+        metric.update((picture_batch(pictures) + 1) / 2, real=real)
     return float(metric.compute()), "Inception-v3 features (torchmetrics)"
 
 
