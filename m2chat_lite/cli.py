@@ -152,6 +152,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget per stage instead of steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                        help="micro-batches per optimizer step and process (default 1); under `accelerate launch "
+                             "--num_processes P` each step sees P × N of the recipe's batches")
     parser.set_defaults(handler=run_train)
 
 
@@ -161,8 +164,12 @@ def run_train(args: argparse.Namespace) -> int:
               "the scaling-up issue. Use --preset tiny", file=sys.stderr)
         return EXIT_USAGE
     from .foundation import run  # lazy: pulls in torch and the models
+    from .training import is_main_process
 
-    records = run(args.stage, args.out, steps=args.steps, minutes=args.minutes, seed=args.seed, device=args.device)
+    records = run(args.stage, args.out, steps=args.steps, minutes=args.minutes, seed=args.seed, device=args.device,
+                  grad_accum_steps=args.grad_accum)
+    if not is_main_process():  # a data-parallel run: process 0 reports
+        return EXIT_OK
     for stage, record in records.items():
         print(f"{stage}: {record['steps']} steps in {record['train_seconds']:.0f} s → {args.out / stage}")
     print(f"manifest: {args.out / 'manifest.json'}")

@@ -27,7 +27,7 @@ from . import __version__
 from .benchmark import load_benchmark
 from .config import get_config
 from .data import image_to_tensor
-from .training import TrainConfig
+from .training import TrainConfig, data_parallel, wait_for_everyone
 from .utils import DATA_DIR, atomic_write_json, get_device, set_seed
 
 STAGES = ("clip", "lm", "diffusion")  # the foundation models, in order
@@ -50,12 +50,13 @@ RECIPE = {
 }
 
 
-def _train_config(stage: str, steps: int | None, minutes: float | None, seed: int) -> TrainConfig:
+def _train_config(stage: str, steps: int | None, minutes: float | None, seed: int,
+                  grad_accum_steps: int = 1) -> TrainConfig:
     r = RECIPE[stage]
     return TrainConfig(max_steps=steps if steps is not None else (None if minutes else r["steps"]),
                        max_seconds=minutes * 60 if minutes else None, lr=r["lr"], warmup_steps=r["warmup_steps"],
                        weight_decay=r["weight_decay"], ema_decay=r.get("ema_decay"), seed=seed,
-                       log_every=25, checkpoint_every=100)
+                       log_every=25, checkpoint_every=100, grad_accum_steps=grad_accum_steps)
 
 
 def _benchmark_pictures(split: str, device: str):
@@ -77,8 +78,11 @@ def clip_metrics(clip, tokenizer, device: str = "cpu") -> dict:
 
 
 def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | None = None, seed: int = 0,
-              device: str | None = None, progress: bool = True) -> dict:
-    """Train one stage into ``out_dir/<stage>``, measure it, record it in the manifest; returns the record."""
+              device: str | None = None, progress: bool = True, grad_accum_steps: int = 1) -> dict:
+    """Train one stage into ``out_dir/<stage>``, measure it, record it in the manifest; returns the record.
+
+    Under ``accelerate launch`` every process trains (data parallel, see ``training``); process 0 alone
+    measures, saves and records, and the others get the record without metrics."""
     if stage not in STAGES + M2CHAT_STAGES:
         raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES + M2CHAT_STAGES)} "
                          "(or 'foundation' for the first three)")
@@ -87,10 +91,12 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
     if minutes is not None and minutes <= 0:
         raise ValueError(f"the budget must be positive; got --minutes {minutes}")
     out_dir = Path(out_dir)
+    rank, world = data_parallel()  # first, so that each process of a multi-GPU run takes its own GPU
+    main, metrics = rank == 0, None
     device = get_device(device)
     config = get_config("tiny", seed=seed)
     state_dir = out_dir / ".state" / stage
-    train_config = _train_config(stage, steps, minutes, seed)
+    train_config = _train_config(stage, steps, minutes, seed, grad_accum_steps)
     set_seed(seed)
     start = time.perf_counter()
     if stage == "clip":
@@ -103,8 +109,9 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
                                   reshaped_fraction=RECIPE["clip"]["reshaped_fraction"],
                                   out_dir=state_dir, device=device, progress=progress)
         seconds = time.perf_counter() - start
-        metrics = clip_metrics(clip, tokenizer, device)
-        save_clip(clip, tokenizer, out_dir / "clip")
+        if main:
+            metrics = clip_metrics(clip, tokenizer, device)
+            save_clip(clip, tokenizer, out_dir / "clip")
     elif stage == "lm":
         from .backbone import benchmark_perplexity, build_tokenizer, save_lm, train_lm
 
@@ -112,8 +119,9 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
         model, result = train_lm(config, tokenizer, train_config, out_dir=state_dir, device=device, progress=progress,
                                  rows=RECIPE["lm"]["rows"], n_per_task=RECIPE["lm"]["n_per_task"])
         seconds = time.perf_counter() - start
-        metrics = benchmark_perplexity(model, tokenizer, split="test", device=device)
-        save_lm(model, tokenizer, out_dir / "lm")
+        if main:
+            metrics = benchmark_perplexity(model, tokenizer, split="test", device=device)
+            save_lm(model, tokenizer, out_dir / "lm")
     elif stage == "fusion":
         from .backbone import load_lm
         from .encoders import load_clip
@@ -127,10 +135,12 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
         result = train_fusion(model, tokenizer, train_config, batch_size=r["batch_size"], out_dir=state_dir,
                               device=device, progress=progress)
         seconds = time.perf_counter() - start
-        metrics = {split: {k: v for k, v in vqa_accuracy(model, tokenizer, load_benchmark("vqa", split=split)).items()
-                           if k != "replies"} for split in ("test", "heldout")}
-        metrics["gate"] = model.gate_value()
-        save_fused(model, out_dir / "fusion")
+        if main:
+            metrics = {split: {k: v for k, v in
+                               vqa_accuracy(model, tokenizer, load_benchmark("vqa", split=split)).items()
+                               if k != "replies"} for split in ("test", "heldout")}
+            metrics["gate"] = model.gate_value()
+            save_fused(model, out_dir / "fusion")
     elif stage == "stage1":
         from .diffusion import TinyDiffusionPipeline, evaluate_generator
         from .fusion import load_fused
@@ -144,14 +154,16 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
                               lambda_seq=r["lambda_seq"], lambda_pooled=r["lambda_pooled"], out_dir=state_dir,
                               device=device, progress=progress)
         seconds = time.perf_counter() - start
-        # Shipped with the adapter in float16 (half the bytes); scored as shipped, and in float32 beside it
-        save_system(model, out_dir / "stage1", record={"stage": "stage1", "steps": result.steps},
-                    adapter_dtype=torch.float16)
-        shipped, _, _ = load_system(out_dir / "stage1", device=device)
-        captions = load_benchmark("caption")
-        metrics = {"LM -> adapter -> generator": _scores(evaluate_alignment(shipped, tokenizer, pipeline, captions)),
-                   "same, float32 adapter": _scores(evaluate_alignment(model, tokenizer, pipeline, captions)),
-                   "teacher text encoder -> generator": _scores(evaluate_generator(pipeline, captions))}
+        if main:
+            # Shipped with the adapter in float16 (half the bytes); scored as shipped, and in float32 beside it
+            save_system(model, out_dir / "stage1", record={"stage": "stage1", "steps": result.steps},
+                        adapter_dtype=torch.float16)
+            shipped, _, _ = load_system(out_dir / "stage1", device=device)
+            captions = load_benchmark("caption")
+            metrics = {"LM -> adapter -> generator":
+                       _scores(evaluate_alignment(shipped, tokenizer, pipeline, captions)),
+                       "same, float32 adapter": _scores(evaluate_alignment(model, tokenizer, pipeline, captions)),
+                       "teacher text encoder -> generator": _scores(evaluate_generator(pipeline, captions))}
     elif stage == "stage2":
         from .m3ft import load_system, save_system, stage2_metrics, train_stage2
 
@@ -163,10 +175,11 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
         result = train_stage2(model, tokenizer, train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
                               out_dir=state_dir, device=device, progress=progress)
         seconds = time.perf_counter() - start
-        metrics = stage2_metrics(model, tokenizer, pipeline)
-        # stage 2 leaves the adapter as stage 1 made it: the stage-2 system points at stage 1's
-        save_system(model, out_dir / "stage2", record={"stage": "stage2", "steps": result.steps},
-                    adapter_dir="../stage1/adapter")
+        if main:
+            metrics = stage2_metrics(model, tokenizer, pipeline)
+            # stage 2 leaves the adapter as stage 1 made it: the stage-2 system points at stage 1's
+            save_system(model, out_dir / "stage2", record={"stage": "stage2", "steps": result.steps},
+                        adapter_dir="../stage1/adapter")
     else:
         from .diffusion import TinyDiffusionPipeline, evaluate_generator, train_diffusion
         from .encoders import load_clip
@@ -175,22 +188,26 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
         pipeline, result = train_diffusion(config, clip, tokenizer, train_config, out_dir=state_dir, device=device,
                                            progress=progress)
         seconds = time.perf_counter() - start
-        # Shipped in float16 (half the bytes), sharing the CLIP folder beside it; scored as shipped and
-        # in float32, so the manifest shows what half precision costs.
-        pipeline.save_pretrained(out_dir / "diffusion", text_encoder_dir="../clip", dtype=torch.float16)
-        shipped = TinyDiffusionPipeline.from_pretrained(out_dir / "diffusion", device=device)
-        captions = load_benchmark("caption")
-        metrics = {"shipped (float16 weights)": _scores(evaluate_generator(shipped, captions)),
-                   "float32 weights": _scores(evaluate_generator(pipeline, captions))}
-    shutil.rmtree(state_dir, ignore_errors=True)
+        if main:
+            # Shipped in float16 (half the bytes), sharing the CLIP folder beside it; scored as shipped and
+            # in float32, so the manifest shows what half precision costs.
+            pipeline.save_pretrained(out_dir / "diffusion", text_encoder_dir="../clip", dtype=torch.float16)
+            shipped = TinyDiffusionPipeline.from_pretrained(out_dir / "diffusion", device=device)
+            captions = load_benchmark("caption")
+            metrics = {"shipped (float16 weights)": _scores(evaluate_generator(shipped, captions)),
+                       "float32 weights": _scores(evaluate_generator(pipeline, captions))}
     record = {
         "command": "m2chat-lite " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "m2chat-lite"
         else f"m2chat-lite train --preset tiny --stage {stage} --out {out_dir}",
         "package_version": __version__, "seed": seed, "steps": result.steps, "train_seconds": round(seconds, 1),
         "device": device, "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "recipe": RECIPE[stage], "final_loss": result.final_loss, "metrics": metrics,
+        **({"processes": world, "grad_accum_steps": grad_accum_steps} if world * grad_accum_steps > 1 else {}),
     }
-    update_manifest(out_dir, stage, record)
+    if main:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        update_manifest(out_dir, stage, record)
+    wait_for_everyone()  # the next stage, in any process, may load what process 0 just saved
     return record
 
 

@@ -9,13 +9,24 @@ model supplies only a ``loss_fn(batch) -> loss``; this loop owns the rest:
 - a ``tqdm`` progress bar and a loss history to plot;
 - **checkpoints** written atomically every ``checkpoint_every`` steps to ``out_dir/trainer_state.pt``
   (weights, optimizer, scheduler, EMA, step, RNG states), and **resume** from it after an interruption;
-- a **NaN guard**: a non-finite loss stops training with a clear message; the last good checkpoint stays.
+- a **NaN guard**: a non-finite loss stops training with a clear message; the last good checkpoint stays;
+- **gradient accumulation** (``grad_accum_steps``) and **data parallel** training under
+  ``accelerate launch --num_processes N`` (or ``torchrun``): one replica of the model per process.
+
+The data-parallel rule: with ``W`` processes and ``A = grad_accum_steps``, process ``r`` trains optimizer
+step ``s`` on the micro-batches ``make_batch((s * A + k) * W + r)``, ``k = 0 .. A-1``. Each backward pass
+gets ``loss / (A * W)`` and the gradients are summed over the processes (one all-reduce per step), so every
+replica takes the same step on the mean gradient of a global batch of ``W × A`` per-process batches. That
+batch is still a function of the step (resume is exact), and one process with ``grad_accum_steps = W * A``
+sees the same micro-batches. With ``W = A = 1`` this is the plain loop: ``make_batch(step)``, one backward.
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
 import math
+import os
 import pickle
 import random
 import time
@@ -25,6 +36,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .utils import atomic_torch_save, autocast_context
@@ -46,6 +58,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int | None = None  # steps between checkpoints (None: only at the end)
     seed: int = 0
+    grad_accum_steps: int = 1  # micro-batches per optimizer step and process (their gradients are averaged)
 
     def __post_init__(self):
         if self.max_steps is None and self.max_seconds is None:
@@ -56,6 +69,10 @@ class TrainConfig:
             raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if isinstance(self.grad_accum_steps, bool) or not isinstance(self.grad_accum_steps, int) \
+                or self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be a positive integer (micro-batches per optimizer step), "
+                             f"got {self.grad_accum_steps!r}")
 
 
 @dataclass
@@ -98,6 +115,50 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach(), 1.0 - decay)
 
 
+def data_parallel() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process: ``(0, 1)`` on its own. Under ``accelerate launch`` or
+    ``torchrun`` (they set ``WORLD_SIZE``) the first call joins their process group through ``accelerate``
+    (gloo on CPUs, NCCL on GPUs, where it also makes ``"cuda"`` mean this process's own GPU)."""
+    if not _joined() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState  # lazy: only a data-parallel run pays for the import
+
+        PartialState(cpu=not torch.cuda.is_available())
+        atexit.register(dist.destroy_process_group)  # without it gloo can abort at exit
+    return (dist.get_rank(), dist.get_world_size()) if _joined() else (0, 1)
+
+
+def _joined() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process() -> bool:
+    """True in a single process and in process 0 of a data-parallel run: the one that writes files."""
+    return data_parallel()[0] == 0
+
+
+def wait_for_everyone() -> None:
+    """A barrier in a data-parallel run (nothing on its own): every process waits for the slowest."""
+    if data_parallel()[1] > 1:
+        dist.barrier()
+
+
+def _sum_over_processes(values: torch.Tensor, op=None) -> torch.Tensor:
+    dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
+    return values
+
+
+@torch.no_grad()
+def _sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum each parameter's gradient over the processes, in one all-reduce. A parameter that got no
+    gradient in any process keeps ``grad = None`` (AdamW leaves it alone, as it does in one process)."""
+    used = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    flat = _sum_over_processes(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                          for p in params] + [used]))
+    *grads, used = flat.split([p.numel() for p in params] + [len(params)])
+    for p, grad, u in zip(params, grads, used.tolist()):
+        p.grad = grad.view_as(p).to(p.dtype) if u > 0 else None
+
+
 def train(model: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor], make_batch: Callable[[int], object],
           config: TrainConfig, out_dir: str | Path | None = None, device: str = "cpu",
           progress: bool = True, description: str = "training",
@@ -105,14 +166,22 @@ def train(model: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor], mak
     """Train the parameters of ``model`` that require grad by minimising ``loss_fn(batch)``.
 
     ``make_batch(step)`` gives the batch for a step: a function of the step index, so a resumed run sees
-    exactly the data an uninterrupted one would. With ``out_dir``, training resumes from
-    ``out_dir/trainer_state.pt`` if it exists and checkpoints there. Afterwards, if ``ema_decay`` is set,
-    the EMA weights are copied into ``model``. ``log_extra()``, if given, adds its entries to each history
-    record (the fusion gate's value, say, to plot it opening).
+    exactly the data an uninterrupted one would (with several micro-batches or processes, the index is a
+    micro-batch's: see the module's docstring). With ``out_dir``, training resumes from
+    ``out_dir/trainer_state.pt`` if it exists and checkpoints there (process 0 writes it; a checkpoint
+    resumes with any number of processes). Afterwards, if ``ema_decay`` is set, the EMA weights are copied
+    into ``model``. ``log_extra()``, if given, adds its entries to each history record (the fusion gate's
+    value, say, to plot it opening).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
+    rank, world = data_parallel()
+    accum = config.grad_accum_steps
+    if world > 1:  # every replica starts from process 0's weights
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=0)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     ema = copy.deepcopy(model).eval().requires_grad_(False) if config.ema_decay else None
@@ -125,28 +194,46 @@ def train(model: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor], mak
 
     def checkpoint() -> None:
         if state_path is not None:
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-                               "step": step, "history": history, "rng": _rng_state(),
-                               "config": asdict(config)}, state_path)
+            if rank == 0:
+                atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                                   "step": step, "history": history, "rng": _rng_state(),
+                                   "config": asdict(config)}, state_path)
+            wait_for_everyone()
+
+    def keep_going() -> bool:
+        go = (config.max_steps is None or step < config.max_steps) and \
+             (config.max_seconds is None or time.perf_counter() - start < config.max_seconds)
+        if world > 1 and config.max_seconds is not None:  # clocks differ: stop when the first process must
+            go = bool(_sum_over_processes(torch.tensor(float(go), device=params[0].device), dist.ReduceOp.MIN))
+        return go
 
     model.train()
     start = time.perf_counter()
-    bar = tqdm(total=config.max_steps, initial=step, desc=description, disable=not progress, leave=False)
+    bar = tqdm(total=config.max_steps, initial=step, desc=description, disable=not progress or rank != 0,
+               leave=False)
     running = 0.0
-    while (config.max_steps is None or step < config.max_steps) and \
-            (config.max_seconds is None or time.perf_counter() - start < config.max_seconds):
-        batch = make_batch(step)
-        with autocast_context(device):
-            loss = loss_fn(batch)
-        if not torch.isfinite(loss):
+    while keep_going():
+        optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for micro in range(accum):
+            batch = make_batch((step * accum + micro) * world + rank)
+            with autocast_context(device):
+                loss = loss_fn(batch)
+            (loss / (accum * world)).backward()  # exact when accum * world == 1
+            losses.append(loss.detach())
+        step_loss = sum(losses) / accum
+        if world > 1:  # the mean over processes; a non-finite loss anywhere makes it non-finite everywhere
+            step_loss = _sum_over_processes(step_loss.float().reshape(1)) / world
+        loss_value = step_loss.item()
+        if not math.isfinite(loss_value):
             bar.close()
             kept = f"the last good checkpoint (step {resumed_from if not history else history[-1]['step']}) " \
                    f"is in {state_path}" if state_path and state_path.is_file() else "no checkpoint was written"
-            raise FloatingPointError(f"the loss became {loss.item()} at step {step}; {kept}. Lower the learning "
+            raise FloatingPointError(f"the loss became {loss_value} at step {step}; {kept}. Lower the learning "
                                      f"rate (now {config.lr}) or check the data, then train again")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if world > 1:
+            _sum_gradients(params)
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
@@ -154,7 +241,7 @@ def train(model: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor], mak
         if ema is not None:
             update_ema(ema, model, config.ema_decay)
         step += 1
-        running += loss.item()
+        running += loss_value
         if step % config.log_every == 0:
             history.append({"step": step, "loss": running / config.log_every, "lr": scheduler.get_last_lr()[0],
                             **(log_extra() if log_extra else {})})

@@ -76,3 +76,21 @@ def test_bad_budgets_and_damaged_state_are_clear_errors(tmp_path):
     frozen = torch.nn.Linear(1, 1).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         train(frozen, loss_fn, make_batch, TrainConfig(max_steps=5), progress=False)
+
+
+def test_gradient_accumulation_equals_one_step_on_the_union_of_the_micro_batches():
+    model, loss_fn, make_batch = regression()
+    calls = []
+    train(model, loss_fn, lambda i: calls.append(i) or make_batch(i),
+          TrainConfig(max_steps=20, lr=0.05, warmup_steps=5, grad_accum_steps=2), progress=False)
+    assert calls == list(range(40))  # step s accumulates micro-batches 2s and 2s + 1
+    accumulated = [p.detach().clone() for p in model.parameters()]
+
+    model, loss_fn, make_batch = regression()
+
+    def union(step):  # both micro-batches at once: the mean loss over 32 examples
+        (x0, y0), (x1, y1) = make_batch(2 * step), make_batch(2 * step + 1)
+        return torch.cat([x0, x1]), torch.cat([y0, y1])
+
+    train(model, loss_fn, union, TrainConfig(max_steps=20, lr=0.05, warmup_steps=5), progress=False)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(accumulated, model.parameters()))
