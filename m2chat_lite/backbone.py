@@ -115,12 +115,12 @@ def lm_config(config: M2ChatConfig, tokenizer) -> LlamaConfig:
     )
 
 
-def build_lm(config: M2ChatConfig, tokenizer) -> LlamaForCausalLM:
+def build_lm(config: M2ChatConfig, tokenizer, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     """A causal LM for ``config`` and ``tokenizer``: a freshly initialised tiny Llama (seed with
-    ``utils.set_seed`` first for repeatable weights), or the pretrained ``config.lm_id`` with its embeddings
-    resized to ``len(tokenizer)``. Generation stops at ``<|end|>`` (or the tokenizer's eos)."""
+    ``utils.set_seed`` first for repeatable weights), or the pretrained ``config.lm_id`` (in ``dtype``) with
+    its embeddings resized to ``len(tokenizer)``. Generation stops at ``<|end|>`` (or the tokenizer's eos)."""
     if config.lm_id is not None:
-        model = AutoModelForCausalLM.from_pretrained(config.lm_id, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(config.lm_id, dtype=dtype)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
     else:

@@ -297,6 +297,11 @@ class TinyDiffusionPipeline:
         size = self.unet.config.sample_size
         return (size if isinstance(size, int) else size[0]) * patch_size_of(self.unet)
 
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """The shape of one picture's starting noise (here the picture's own: this generator works in pixels)."""
+        return self.unet.config.out_channels // patch_size_of(self.unet) ** 2, self.image_size, self.image_size
+
     def to(self, device) -> "TinyDiffusionPipeline":
         self.unet.to(device)
         if self.text_encoder is not None:

@@ -64,8 +64,15 @@ def tokenize_captions(tokenizer, captions: list[str], max_length: int) -> tuple[
 
 def encode_text(clip: CLIPModel, tokenizer, captions: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hidden [B, L, d], pooled [B, p])``: the text encoder's last hidden states (padded to the model's
-    length) and the projected embedding at the end token, the generator's ``prompt_embeds`` and pooled."""
+    length) and the projected embedding at the end token, the generator's ``prompt_embeds`` and pooled.
+    ``clip`` may also be Stable Diffusion's ``CLIPTextModel`` with its ``CLIPTokenizer`` (the ``hf-small``
+    teacher): then ``pooled`` is its pooler output, as SD pipelines compute it."""
     device = device or clip.device
+    if not hasattr(clip, "text_projection"):  # Stable Diffusion's CLIPTextModel (hf-small): no projection
+        tokens = tokenizer(list(captions), padding="max_length", max_length=clip.config.max_position_embeddings,
+                           truncation=True, return_tensors="pt")
+        out = clip(input_ids=tokens.input_ids.to(device))  # SD encodes prompts without an attention mask
+        return out.last_hidden_state, out.pooler_output
     ids, mask = tokenize_captions(tokenizer, captions, clip.config.text_config.max_position_embeddings)
     ids, mask = ids.to(device), mask.to(device)
     hidden = clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -70,7 +70,7 @@ def illustrate_two_step(pipe, messages: Sequence[dict], seed: int = 0) -> list[d
                 words = segment["text"]
                 segments.append(segment)
                 continue
-            noise = torch.randn(1, 3, pipe.image_size, pipe.image_size,
+            noise = torch.randn(1, *pipe.generator.latent_shape,
                                 generator=torch.Generator().manual_seed(seed * 1_000_003 + drawn))
             picture = pipe.generator(prompt=[words], latents=noise, output_type="pt")[0]
             segments.append({"type": "image", "image": tensor_to_image(picture), "gate": None})

@@ -235,9 +235,10 @@ def gate_closed(model: FusedLM):
 
 def build_fused_lm(lm, clip, tokenizer, tokens_per_image: int = 9, lora_rank: int | None = 16,
                    seed: int = 0, feature_layers: Sequence[int] = FEATURE_LAYERS) -> FusedLM:
-    """Wrap ``lm`` and ``clip``'s vision tower into a :class:`FusedLM` with a fresh projector; with
-    ``lora_rank``, LoRA adapters (``peft``, every linear layer) are added to the LM and its own weights
-    frozen. The projector's initial weights come from ``seed``."""
+    """Wrap ``lm`` and ``clip``'s vision tower (or a vision model itself, such as ``hf.VisionTower``) into a
+    :class:`FusedLM` with a fresh projector; with ``lora_rank``, LoRA adapters (``peft``, every linear layer)
+    are added to the LM and its own weights frozen. The projector's initial weights come from ``seed``."""
+    vision = getattr(clip, "vision_model", clip)
     if lora_rank is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -246,9 +247,9 @@ def build_fused_lm(lm, clip, tokenizer, tokens_per_image: int = 9, lora_rank: in
                                                target_modules=LORA_TARGETS))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        projector = VisualProjector(clip.config.vision_config.hidden_size * len(feature_layers),
-                                    lm.config.hidden_size, tokens_per_image)
-    return FusedLM(lm, clip.vision_model, projector, tokenizer, feature_layers).to(lm.device)
+        projector = VisualProjector(vision.config.hidden_size * len(feature_layers), lm.config.hidden_size,
+                                    tokens_per_image)
+    return FusedLM(lm, vision, projector, tokenizer, feature_layers).to(lm.device)
 
 
 def set_trainable(model: FusedLM, groups: Sequence[str]) -> list[str]:

@@ -24,6 +24,10 @@ dialogues and visual questions: the words, and when to write the ``[IMG]`` span.
 
 ``trainable_groups(stage)`` names each stage's parameters; ``check_disjoint`` proves the two stages share
 none (tested, with a test that frozen weights do not move).
+
+**One joint stage** (``train_joint``) is not the recipe but its ablation (notebook 10): both groups train
+together on ``stage-1 loss + stage-2 loss``, so the LM's LoRA also moves to please the adapter and the
+adapter chases an LM that is still changing, the entanglement the paper's two stages avoid.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from .utils import DATA_DIR
 from .world.samples import make_samples, scenes_of
 
 STAGES = ("stage1", "stage2")
+JOINT = "joint"  # the ablation: both stages' groups and losses at once (train_joint)
 CONTEXT_TOKENS = 40  # tokens before the [IMG] span that the semantic branch reads: a whole caption request
 VISUAL_LAYER = 0  # the vision encoder layer the adapter's visual branch reads: low-level patch features
 # The LM layers the semantic branch reads, side by side: the input embeddings (which words and pictures, as
@@ -69,15 +74,29 @@ class M2ChatModel(nn.Module):
 
     def __init__(self, fused: FusedLM, adapter: M3Adapter, unet, scheduler, teacher, teacher_tokenizer,
                  context_tokens: int = CONTEXT_TOKENS, visual_layer: int = VISUAL_LAYER,
-                 lm_layers: Sequence[int] = LM_LAYERS):
+                 lm_layers: Sequence[int] = LM_LAYERS, vae=None, image_size: int = 32):
         super().__init__()
         self.fused, self.adapter, self.unet, self.teacher = fused, adapter, unet, teacher
         self.scheduler, self.teacher_tokenizer = scheduler, teacher_tokenizer
+        # a latent generator (hf-small's Stable Diffusion) denoises VAE latents, the tiny one pixels
+        self.vae, self.image_size = vae, image_size
         self.source: dict[str, Path] = {}  # the folders of the frozen parts, when loaded by load_system
         self.record: dict = {}  # how the system was trained, when loaded by load_system
         self.context_tokens, self.visual_layer, self.lm_layers = context_tokens, visual_layer, tuple(lm_layers)
         self.unet.requires_grad_(False)
         self.teacher.requires_grad_(False)
+        if vae is not None:
+            vae.requires_grad_(False)
+
+    @torch.no_grad()
+    def diffusion_targets(self, pictures: torch.Tensor) -> torch.Tensor:
+        """What the generator denoises for ``pictures`` in [-1, 1]: the pictures themselves, or with a VAE
+        its latents (the mean of the posterior times the VAE's scaling factor, as Stable Diffusion trains)."""
+        pictures = pictures.to(self.device)
+        if self.vae is None:
+            return pictures
+        latents = self.vae.encode(pictures.to(self.vae.dtype)).latent_dist.mean
+        return (latents * self.vae.config.scaling_factor).float()
 
     @property
     def device(self) -> torch.device:
@@ -113,18 +132,32 @@ def build_m2chat(fused: FusedLM, pipeline, config, gate_mode: str = "adaptive", 
     teacher = pipeline.text_encoder
     if teacher is None:
         raise ValueError("the pipeline has no text encoder; M³FT needs it as the teacher (load it with its CLIP)")
+    cond_dim, pooled_dim, cond_len = teacher_dims(teacher)
     adapter_config = AdapterConfig(
         lm_dim=fused.lm.config.hidden_size * len(LM_LAYERS), vision_dim=fused.vision_model.config.hidden_size,
-        cond_dim=teacher.config.text_config.hidden_size, pooled_dim=teacher.config.projection_dim,
-        num_queries=teacher.config.text_config.max_position_embeddings,
+        cond_dim=cond_dim, pooled_dim=pooled_dim, num_queries=cond_len,
         num_layers=num_layers or config.adapter_num_layers, num_heads=config.adapter_num_heads, gate_mode=gate_mode,
-        semantic_positions=CONTEXT_TOKENS + len(fused.gen_token_ids),
-        visual_positions=1 + (fused.vision_model.config.image_size // fused.vision_model.config.patch_size) ** 2)
+        semantic_positions=CONTEXT_TOKENS + len(fused.gen_token_ids), visual_positions=vision_positions(fused))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         adapter = M3Adapter(adapter_config)
-    return M2ChatModel(fused, adapter, pipeline.unet, pipeline.training_scheduler(), teacher,
-                       pipeline.tokenizer).to(fused.device)
+    return M2ChatModel(fused, adapter, pipeline.unet, pipeline.training_scheduler(), teacher, pipeline.tokenizer,
+                       vae=getattr(pipeline, "vae", None), image_size=pipeline.image_size).to(fused.device)
+
+
+def teacher_dims(teacher) -> tuple[int, int, int]:
+    """``(cond_dim, pooled_dim, cond_len)`` of a teacher text encoder: the tiny CLIP of notebook 02 (a
+    ``CLIPModel``: its projected pooled embedding) or Stable Diffusion's ``CLIPTextModel`` (its pooler output)."""
+    text = getattr(teacher.config, "text_config", teacher.config)
+    pooled = getattr(teacher.config, "projection_dim", None) if hasattr(teacher, "text_projection") else None
+    return text.hidden_size, pooled or text.hidden_size, text.max_position_embeddings
+
+
+def vision_positions(fused: FusedLM) -> int:
+    """How many feature positions the vision encoder gives per picture (``1 + P``: class token and patches)."""
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, fused.vision_model.config.image_size, fused.vision_model.config.image_size)
+        return fused.vision_features(probe).shape[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +171,10 @@ def trainable_groups(stage: str, train_adapter_gate: bool = False) -> dict[str, 
         return {"fused": ["gen_embeddings"], "adapter": "all"}
     if stage == "stage2":
         return {"fused": ["lora", "projector", "gate"], "adapter": "gate" if train_adapter_gate else "none"}
-    raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+    if stage == JOINT:
+        first, second = trainable_groups("stage1"), trainable_groups("stage2")
+        return {"fused": [*first["fused"], *second["fused"]], "adapter": "all"}
+    raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)} (or {JOINT!r}, the ablation)")
 
 
 def set_stage(model: M2ChatModel, stage: str, train_adapter_gate: bool = False) -> list[str]:
@@ -225,10 +261,12 @@ def alignment_examples(n: int, seed: int = 0, split: str = "train", tasks: Seque
     return out[:n]
 
 
-def alignment_batch(model: M2ChatModel, tokenizer, examples: Sequence[AlignmentExample], image_size: int = 32) -> dict:
+def alignment_batch(model: M2ChatModel, tokenizer, examples: Sequence[AlignmentExample],
+                    image_size: int | None = None) -> dict:
     """A batch for :meth:`M2ChatModel.condition` and :func:`stage1_loss`: the conversations cut right after
     their last ``[IMG0..K-1]`` (the target picture itself is not in the LM's input), the pictures before it,
-    the reference pictures, and the targets (pictures and captions)."""
+    the reference pictures, and the targets (pictures and captions), at ``image_size`` (the model's)."""
+    image_size = image_size or model.image_size
     k = len(model.fused.gen_token_ids)
     last_gen = tokenizer.convert_tokens_to_ids(image_gen_tokens(k)[-1])
     items = []
@@ -258,8 +296,8 @@ def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda
     condition = model.condition(batch)
     with torch.no_grad():
         teacher_seq, teacher_pooled = encode_text(model.teacher, model.teacher_tokenizer, batch["captions"], device)
-    l_diffusion = diffusion_loss(model.unet, model.scheduler, batch["target"].to(device), condition.prompt_embeds,
-                                 condition.pooled, generator=generator)
+    l_diffusion = diffusion_loss(model.unet, model.scheduler, model.diffusion_targets(batch["target"]),
+                                 condition.prompt_embeds, condition.pooled, generator=generator)
     l_seq = F.mse_loss(condition.prompt_embeds, teacher_seq)
     l_pooled = F.mse_loss(condition.pooled, teacher_pooled)
     loss = l_diffusion + lambda_seq * l_seq + lambda_pooled * l_pooled
@@ -296,7 +334,7 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
     """Stage 1 with the shared loop: adapter and ``[IMG]`` embeddings learn, all else is frozen."""
     set_stage(model, "stage1")
     model.to(device)
-    examples = alignment_examples(pool_size, seed=train_config.seed)
+    examples = alignment_examples(pool_size, seed=train_config.seed, image_size=model.image_size)
     last_parts: dict[str, float] = {}
 
     def make_batch(step: int) -> dict:
@@ -318,11 +356,41 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
     """Stage 2 with the shared loop: LoRA, projector and fusion gate learn; the adapter is frozen."""
     set_stage(model, "stage2", train_adapter_gate)
     model.to(device)
-    samples = stage2_samples(pool_size, seed=train_config.seed)
-    make_batch = sample_batches(tokenizer, samples, model.fused.tokens_per_image, batch_size, seed=train_config.seed)
+    samples = stage2_samples(pool_size, seed=train_config.seed, image_size=model.image_size)
+    make_batch = sample_batches(tokenizer, samples, model.fused.tokens_per_image, batch_size, model.image_size,
+                                seed=train_config.seed)
     return train(model, lambda batch: stage2_loss(model, batch), make_batch, train_config, out_dir=out_dir,
                  device=device, progress=progress, description="M³FT stage 2",
                  log_extra=lambda: {"fusion_gate": model.fused.gate_value()})
+
+
+def train_joint(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch_size: int = 32,
+                pool_size: int = 6000, lambda_seq: float = 1.0, lambda_pooled: float = 1.0, out_dir=None,
+                device: str = "cpu", progress: bool = True) -> TrainResult:
+    """The ablation of the two stages: both groups train at once; each step adds stage 1's loss on an
+    alignment batch and stage 2's loss on an instruction batch (so a joint step costs about one step of
+    each stage and sees one batch of each)."""
+    set_stage(model, JOINT)
+    model.to(device)
+    examples = alignment_examples(pool_size, seed=train_config.seed, image_size=model.image_size)
+    samples = stage2_samples(pool_size, seed=train_config.seed, image_size=model.image_size)
+    instruction_batch = sample_batches(tokenizer, samples, model.fused.tokens_per_image, batch_size,
+                                       model.image_size, seed=train_config.seed)
+    last_parts: dict[str, float] = {}
+
+    def make_batch(step: int) -> tuple[dict, dict]:
+        rng = random.Random(train_config.seed * 1_000_003 + step)
+        return alignment_batch(model, tokenizer, rng.sample(examples, batch_size)), instruction_batch(step)
+
+    def loss_fn(batch: tuple[dict, dict]) -> torch.Tensor:
+        alignment, instruction = batch
+        l_stage1, parts = stage1_loss(model, alignment, lambda_seq, lambda_pooled)
+        l_stage2 = stage2_loss(model, instruction)
+        last_parts.update(parts, stage1=l_stage1.item(), stage2=l_stage2.item())
+        return l_stage1 + l_stage2
+
+    return train(model, loss_fn, make_batch, train_config, out_dir=out_dir, device=device, progress=progress,
+                 description="M³FT joint (ablation)", log_extra=lambda: dict(last_parts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,7 +535,8 @@ def load_system(folder, device: str = "cpu"):
     diffusion_dir = (folder / meta["diffusion_dir"]).resolve()
     pipeline = TinyDiffusionPipeline.from_pretrained(diffusion_dir, device=device)
     model = M2ChatModel(fused, adapter, pipeline.unet, pipeline.training_scheduler(), pipeline.text_encoder,
-                        pipeline.tokenizer, meta["context_tokens"], meta["visual_layer"], meta["lm_layers"])
+                        pipeline.tokenizer, meta["context_tokens"], meta["visual_layer"], meta["lm_layers"],
+                        vae=getattr(pipeline, "vae", None), image_size=pipeline.image_size)
     fused_config = json.loads((folder / "fused" / "fusion_config.json").read_text())
     # where the frozen parts came from (M2ChatPipeline.save_pretrained copies them) and how it was trained
     model.source = {"lm": (folder / "fused" / fused_config["lm_dir"]).resolve(),

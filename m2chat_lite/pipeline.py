@@ -127,10 +127,12 @@ class M2ChatPipeline:
         self.parts = parts or {}  # where the frozen LM, CLIP and generator folders were loaded from
         vocab = tokenizer.get_added_vocab()
         self.gen_ids = tokenizer.convert_tokens_to_ids(image_gen_tokens(len(model.fused.gen_token_ids)))
-        self.image_id, self.end_id = vocab[IMAGE_TOKEN], vocab[END_TOKEN]
+        # the end of the assistant's turn: the course tokenizer's <|end|>, a pretrained one's eos (<|im_end|>)
+        self.image_id, self.end_id = vocab[IMAGE_TOKEN], vocab.get(END_TOKEN, tokenizer.eos_token_id)
         # tokens the assistant never writes itself: structure, pictures in context, the span after [IMG0]
-        never = [PAD_TOKEN, BOS_TOKEN, IMAGE_TOKEN, *ROLE_TOKENS.values()]
-        self.banned = [vocab[t] for t in never if t in vocab] + self.gen_ids[1:]
+        never = {vocab[t] for t in (PAD_TOKEN, BOS_TOKEN, IMAGE_TOKEN, *ROLE_TOKENS.values()) if t in vocab}
+        never |= set(tokenizer.all_special_ids) - {self.end_id, self.gen_ids[0]}  # a pretrained chat template's
+        self.banned = sorted(never | set(self.gen_ids[1:]))
         self.max_length = model.fused.lm.config.max_position_embeddings
         self.image_size = generator.image_size
 
@@ -222,7 +224,7 @@ class M2ChatPipeline:
         batch["has_reference"] = torch.tensor([bool(context.pictures)])
         with autocast_context(self.device):
             condition = self.model.condition(batch)
-        noise = torch.randn(1, 3, self.image_size, self.image_size, generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(1, *self.generator.latent_shape, generator=torch.Generator().manual_seed(seed))
         picture = self.generator(prompt_embeds=condition.prompt_embeds.float(),
                                  pooled_prompt_embeds=condition.pooled.float(), latents=noise,
                                  output_type="pt", **generator_kwargs)[0]

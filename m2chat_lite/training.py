@@ -5,7 +5,7 @@ model supplies only a ``loss_fn(batch) -> loss``; this loop owns the rest:
 
 - a **budget** in steps (deterministic: the same seed gives the same weights) and/or seconds;
 - AdamW with linear warm-up and cosine decay, gradient clipping, an optional EMA copy of the weights;
-- mixed precision on CUDA (``utils.autocast_context``), nothing special on CPU;
+- mixed precision on CUDA (``utils.autocast_context``; float16 with a gradient scaler), nothing special on CPU;
 - a ``tqdm`` progress bar and a loss history to plot;
 - **checkpoints** written atomically every ``checkpoint_every`` steps to ``out_dir/trainer_state.pt``
   (weights, optimizer, scheduler, EMA, step, RNG states), and **resume** from it after an interruption;
@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .utils import atomic_torch_save, autocast_context
+from .utils import amp_dtype, atomic_torch_save, autocast_context
 
 STATE_FILE = "trainer_state.pt"
 
@@ -184,6 +184,8 @@ def train(model: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor], mak
                 dist.broadcast(tensor, src=0)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    # float16 autocast (a T4) needs its gradients scaled so small ones do not flush to zero; a no-op elsewhere
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if config.ema_decay else None
     history: list[dict] = []
     step = 0
@@ -220,7 +222,7 @@ def train(model: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor], mak
             batch = make_batch((step * accum + micro) * world + rank)
             with autocast_context(device):
                 loss = loss_fn(batch)
-            (loss / (accum * world)).backward()  # exact when accum * world == 1
+            scaler.scale(loss / (accum * world)).backward()  # exact when accum * world == 1
             losses.append(loss.detach())
         step_loss = sum(losses) / accum
         if world > 1:  # the mean over processes; a non-finite loss anywhere makes it non-finite everywhere
@@ -234,9 +236,11 @@ def train(model: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor], mak
                                      f"rate (now {config.lr}) or check the data, then train again")
         if world > 1:
             _sum_gradients(params)
+        scaler.unscale_(optimizer)
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped (float16 only) when a gradient overflowed; the scale then shrinks
+        scaler.update()
         scheduler.step()
         if ema is not None:
             update_ema(ema, model, config.ema_decay)

@@ -114,6 +114,20 @@ def test_a_stage_moves_its_group_and_nothing_else(tok, stage):
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
 
 
+def test_the_joint_ablation_trains_both_groups_on_both_losses(tok):
+    model = system(tok)
+    first, second = m3ft.check_disjoint(model)
+    assert set(m3ft.set_stage(model, m3ft.JOINT)) == first | second
+    before = _snapshot(model)
+    config = TrainConfig(max_steps=2, lr=1e-2, warmup_steps=1, log_every=1)
+    result = m3ft.train_joint(model, tok, config, batch_size=4, pool_size=12, progress=False)
+    last = result.history[-1]
+    assert {"stage1", "stage2", "diffusion", "seq_mse"} <= set(last)
+    assert last["loss"] == pytest.approx(last["stage1"] + last["stage2"], rel=1e-5)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved & first and moved & second and moved <= first | second
+
+
 def test_stage1_loss_is_the_weighted_sum_of_its_parts(tok):
     model = system(tok)
     batch = m3ft.alignment_batch(model, tok, m3ft.alignment_examples(4, seed=5))
