@@ -152,6 +152,18 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget per stage instead of steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    hub = parser.add_argument_group("hf-small (pretrained checkpoints; stage1 and stage2 only)")
+    hub.add_argument("--data", type=Path, default=None,
+                     help="real training data: a folder of pictures with .txt captions or a JSONL of pairs (stage1), "
+                          "VIST .json (with --images) or MMDialog .jsonl or m2chat-lite JSONL (stage2); "
+                          "default: ShapeWorld at the preset's image size")
+    hub.add_argument("--images", type=Path, default=None, help="the picture folder of a VIST or MMDialog file")
+    hub.add_argument("--lm-id", default=None, help="causal LM: hub id or folder (default: the preset's)")
+    hub.add_argument("--vision-id", default=None, help="SigLIP/CLIP vision tower: hub id or folder")
+    hub.add_argument("--generator-id", default=None, help="Stable Diffusion folder or hub id")
+    hub.add_argument("--batch-size", type=int, default=None, help="per process and micro-batch (default: the preset's)")
+    hub.add_argument("--image-size", type=int, default=None,
+                     help="side of the pictures drawn and trained on (default: the preset's, 256)")
     parser.add_argument("--grad-accum", type=int, default=1, metavar="N",
                         help="micro-batches per optimizer step and process (default 1); under `accelerate launch "
                              "--num_processes P` each step sees P × N of the recipe's batches")
@@ -160,9 +172,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     if args.preset != "tiny":
-        print(f"m2chat-lite train: the {args.preset!r} preset loads pretrained models; training it arrives with "
-              "the scaling-up issue. Use --preset tiny", file=sys.stderr)
-        return EXIT_USAGE
+        return run_train_pretrained(args)
     from .foundation import run  # lazy: pulls in torch and the models
     from .training import is_main_process
 
@@ -173,6 +183,37 @@ def run_train(args: argparse.Namespace) -> int:
     for stage, record in records.items():
         print(f"{stage}: {record['steps']} steps in {record['train_seconds']:.0f} s → {args.out / stage}")
     print(f"manifest: {args.out / 'manifest.json'}")
+    return EXIT_OK
+
+
+def run_train_pretrained(args: argparse.Namespace) -> int:
+    """``train --preset hf-small``: M³FT stage 1 or 2 around pretrained checkpoints (``hf.train``)."""
+    if args.stage not in ("stage1", "stage2"):
+        print(f"m2chat-lite train: the {args.preset!r} preset loads its LM, vision tower and generator; it trains "
+              f"--stage stage1 or stage2, not {args.stage!r}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.minutes is not None:
+        print("m2chat-lite train: give the hf-small preset a --steps budget (--minutes is for the tiny recipe)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    from .config import get_config
+    from .hf import train as train_pretrained
+    from .training import is_main_process
+
+    overrides = {k: v for k, v in {"lm_id": args.lm_id, "vision_id": args.vision_id,
+                                   "generator_id": args.generator_id, "image_size": args.image_size}.items()
+                 if v is not None}
+    out = args.out if args.out != Path("runs/tiny") else Path("runs") / args.preset
+    try:
+        record = train_pretrained(args.stage, get_config(args.preset, **overrides), out, data=args.data,
+                                  images=args.images, steps=args.steps or 1000, batch_size=args.batch_size,
+                                  seed=args.seed, device=args.device, grad_accum_steps=args.grad_accum)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"m2chat-lite train: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if is_main_process():
+        print(f"{args.stage}: {record['steps']} steps in {record['train_seconds']:.0f} s on {record['device']} "
+              f"→ {out / args.stage} (trained weights {record['trained_mb']:.0f} MB, frozen {record['frozen_mb']:.0f} MB)")
     return EXIT_OK
 
 

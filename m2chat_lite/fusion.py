@@ -454,8 +454,10 @@ def save_fused(model: FusedLM, folder, lm_dir: str = "../lm", clip_dir: str = ".
     return save_folder(folder, write)
 
 
-def load_fused(folder, device: str = "cpu") -> tuple[FusedLM, object]:
-    """``(model, tokenizer)`` from a folder written by :func:`save_fused` (with its LM and CLIP folders)."""
+def load_fused(folder, device: str = "cpu", lm=None, vision=None) -> tuple[FusedLM, object]:
+    """``(model, tokenizer)`` from a folder written by :func:`save_fused` (with its LM and CLIP folders).
+    ``lm`` (a ``(model, tokenizer)`` pair) and ``vision`` (a vision model) are used instead of loading those
+    folders when given: the ``hf-small`` preset loads them from their checkpoints (``hf.load_system``)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -469,15 +471,15 @@ def load_fused(folder, device: str = "cpu") -> tuple[FusedLM, object]:
         raise FileNotFoundError(f"no complete fused model in {folder} (missing {', '.join(missing)}); {redo}")
     try:
         config = json.loads((folder / FUSION_CONFIG).read_text())
-        lm, tokenizer = load_lm((folder / config["lm_dir"]).resolve())
-        clip, _ = load_clip((folder / config["clip_dir"]).resolve())
+        lm, tokenizer = lm if lm is not None else load_lm((folder / config["lm_dir"]).resolve())
+        vision = vision if vision is not None else load_clip((folder / config["clip_dir"]).resolve())[0].vision_model
         if config["lora"]:
             from peft import PeftModel
 
             with _quiet_peft():
                 lm = PeftModel.from_pretrained(lm, folder / LORA_DIR)
         projector = VisualProjector(config["vision_dim"], config["lm_dim"], config["tokens_per_image"])
-        model = FusedLM(lm, clip.vision_model, projector, tokenizer, config["feature_layers"])
+        model = FusedLM(lm, vision, projector, tokenizer, config["feature_layers"])
         state = load_file(folder / FUSION_WEIGHTS)
         model.load_state_dict(state, strict=False)
         expected = {n for n in model.state_dict() if n.split(".")[0] in ("projector", "gate", "gen_embeddings")}

@@ -23,6 +23,9 @@ Nothing here downloads by itself in the tests: they save tiny random models of t
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoints import quiet
 from .config import M2ChatConfig, get_config
 from .data import tensor_to_image
-from .checkpoints import quiet
 from .utils import amp_dtype, get_device
 
 # Pixel statistics each vision family was trained with; pictures in [0, 1] are normalised with them.
@@ -250,7 +253,161 @@ def build_system(config: M2ChatConfig | str = "hf-small", device: str | None = N
     fused = build_fused_lm(lm, vision, tokenizer, tokens_per_image, lora_rank, seed).to(device)
     generator.to(device)
     model = build_m2chat(fused, generator, config, gate_mode=gate_mode, seed=seed)
+    model.hf_config = config  # what save_system records: the checkpoints the frozen parts come from
     return model.to(device), tokenizer, generator
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving, loading and training an hf-small system
+# ---------------------------------------------------------------------------------------------
+
+HF_FILE = "hf.json"  # beside m2chat.json: the config whose checkpoints the system stands on
+ADDED_ROWS = "added_rows.safetensors"  # the LM's embedding rows of the tokens M²Chat added
+
+
+def _added_ids(tokenizer) -> list[int]:
+    return sorted(tokenizer.get_added_vocab().values())
+
+
+def save_system(model, tokenizer, folder, config: M2ChatConfig, record: dict | None = None,
+                adapter_dir: str | None = None) -> Path:
+    """Write an hf-small system, all or nothing: the trained parts as the tiny system writes them
+    (``m3ft.save_system``: ``fused/``, ``adapter/``, ``m2chat.json``), ``hf.json`` (``config``: the
+    checkpoint ids the frozen parts load from) and the LM's embedding rows of the added tokens (resizing
+    drew them at random; they must come back the same). The checkpoints themselves are not copied."""
+    from safetensors.torch import save_file
+
+    from .m3ft import save_system as save_trained_parts
+
+    lm = model.fused.lm
+    ids = torch.tensor(_added_ids(tokenizer))
+    rows = {"ids": ids, "input": lm.get_input_embeddings().weight.detach()[ids].float().cpu().contiguous()}
+    output = lm.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != lm.get_input_embeddings().weight.data_ptr():
+        rows["output"] = output.weight.detach()[ids].float().cpu().contiguous()
+
+    def extra(tmp: Path) -> None:
+        (tmp / HF_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        save_file(rows, tmp / "fused" / ADDED_ROWS)
+
+    return save_trained_parts(model, folder, record=record, lm_dir=config.lm_id, clip_dir=config.vision_id,
+                              diffusion_dir=config.generator_id, adapter_dir=adapter_dir, extra=extra)
+
+
+def load_system(folder, device: str | None = None):
+    """``(model, tokenizer, generator)`` from a folder written by :func:`save_system`: the checkpoints its
+    ``hf.json`` names (hub ids or folders), the trained parts from the folder."""
+    from safetensors.torch import load_file
+
+    from .adapter import M3Adapter
+    from .backbone import build_lm, build_tokenizer
+    from .fusion import load_fused
+    from .m3ft import SYSTEM_FILE, M2ChatModel
+
+    folder, device = Path(folder), get_device(device)
+    try:
+        config = M2ChatConfig.from_dict(json.loads((folder / HF_FILE).read_text()))
+        meta = json.loads((folder / SYSTEM_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{folder} is not a complete hf-small system ({error}); save it again with "
+                         "hf.save_system") from error
+    dtype = frozen_dtype(device)
+    with quiet():
+        tokenizer = build_tokenizer(config)
+        lm = build_lm(config, tokenizer, dtype=dtype)
+        rows = load_file(folder / "fused" / ADDED_ROWS)
+        if rows["ids"].tolist() != _added_ids(tokenizer):
+            raise ValueError(f"the tokenizer of {config.lm_id} does not give M²Chat's tokens the ids this system "
+                             "was trained with; load it with the checkpoint it was trained on")
+        with torch.no_grad():
+            lm.get_input_embeddings().weight[rows["ids"]] = rows["input"].to(dtype)
+            if "output" in rows:
+                lm.get_output_embeddings().weight[rows["ids"]] = rows["output"].to(dtype)
+        vision = load_vision_tower(config.vision_id, dtype=dtype)
+        generator = LatentDiffusionGenerator.from_pretrained(config.generator_id, dtype=dtype,
+                                                             image_size=config.image_size)
+    fused, tokenizer = load_fused(folder / "fused", device=device, lm=(lm, tokenizer), vision=vision)
+    adapter = M3Adapter.from_pretrained(folder / meta.get("adapter_dir", "adapter"), device=device)
+    generator.to(device)
+    model = M2ChatModel(fused, adapter, generator.unet, generator.training_scheduler(), generator.text_encoder,
+                        generator.tokenizer, meta["context_tokens"], meta["visual_layer"], meta["lm_layers"],
+                        vae=generator.vae, image_size=generator.image_size)
+    model.source = {"lm": config.lm_id, "clip": config.vision_id, "diffusion": config.generator_id}
+    model.record, model.hf_config = meta.get("record", {}), config
+    return model.to(device).eval(), tokenizer, generator
+
+
+def read_training_data(path, images=None, image_size: int = 256) -> list:
+    """Samples from a real dataset: a folder of pictures with ``.txt`` captions or a JSONL of
+    ``{"image", "caption"}`` pairs (stage 1), a VIST ``.json`` file with ``images`` its picture folder
+    (stories), an MMDialog ``.jsonl`` whose lines hold ``conversation`` (dialogues), or this package's own
+    JSONL (any task). Pictures are made ``image_size`` squares. ``data/samples/README.md`` shows each layout."""
+    from .data import read_caption_pairs, read_jsonl, read_mmdialog, read_vist
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"training data {path} does not exist; see data/samples/README.md for the layouts")
+    if path.is_dir():
+        return read_caption_pairs(path, image_size=image_size)
+    if path.suffix == ".json":
+        if images is None:
+            raise ValueError(f"{path} looks like a VIST file: pass the folder of its pictures too (--images DIR)")
+        return read_vist(path, images, image_size=image_size)
+    first = json.loads(next((line for line in path.open(encoding="utf-8") if line.strip()), "{}"))
+    if "turns" in first:
+        return read_jsonl(path, image_size=image_size)
+    if "conversation" in first:
+        return read_mmdialog(path, images, image_size=image_size)
+    if {"image", "caption"} <= set(first):
+        return read_caption_pairs(path, image_size=image_size)
+    raise ValueError(f"cannot tell what {path} holds (its first line has {sorted(first)}); expected caption pairs, "
+                     "MMDialog or m2chat-lite JSONL: see data/samples/README.md")
+
+
+def train(stage: str, config: M2ChatConfig, out_dir, data=None, images=None, steps: int = 1000,
+          batch_size: int | None = None, lr: float | None = None, seed: int = 0, device: str | None = None,
+          grad_accum_steps: int = 1, progress: bool = True) -> dict:
+    """M³FT for the hf-small preset: ``stage1`` (a fresh system around the checkpoints) into
+    ``out_dir/stage1``, ``stage2`` (from ``out_dir/stage1``) into ``out_dir/stage2``. ``data`` is a real
+    dataset (:func:`read_training_data`); without it, ShapeWorld at ``config.image_size`` (offline).
+    Returns the training record (also in the system's ``m2chat.json``)."""
+    from .m3ft import examples_of, train_stage1, train_stage2
+    from .training import TrainConfig, is_main_process, wait_for_everyone
+
+    if stage not in ("stage1", "stage2"):
+        raise ValueError(f"the hf-small preset trains stage1 or stage2, not {stage!r}")
+    out_dir, device = Path(out_dir), get_device(device)
+    batch_size = batch_size or config.batch_size
+    samples = read_training_data(data, images, config.image_size) if data is not None else None
+    # ShapeWorld is drawn as needed: as many examples as the run will see (at most 2,000, at least 4 batches)
+    pool_size = max(4 * batch_size, min(2000, steps * batch_size * grad_accum_steps))
+    train_config = TrainConfig(max_steps=steps, lr=lr or config.learning_rate, warmup_steps=min(100, steps // 10 + 1),
+                               weight_decay=0.0, log_every=max(1, min(25, steps)), seed=seed,
+                               grad_accum_steps=grad_accum_steps, checkpoint_every=max(1, steps // 10))
+    state_dir = out_dir / ".state" / stage
+    start = time.perf_counter()
+    if stage == "stage1":
+        model, tokenizer, _ = build_system(config, device=device, seed=seed)
+        examples = None if samples is None else [e for s in samples for e in examples_of(s)]
+        result = train_stage1(model, tokenizer, train_config, batch_size=batch_size, pool_size=pool_size,
+                              examples=examples, out_dir=state_dir, device=device, progress=progress)
+    else:
+        if not (out_dir / "stage1" / HF_FILE).is_file():
+            raise FileNotFoundError(f"{out_dir} holds no hf-small stage-1 system; run `m2chat-lite train --preset "
+                                    f"hf-small --stage stage1 --out {out_dir}` first")
+        model, tokenizer, _ = load_system(out_dir / "stage1", device=device)
+        result = train_stage2(model, tokenizer, train_config, batch_size=batch_size, pool_size=pool_size,
+                              samples=samples, out_dir=state_dir, device=device, progress=progress)
+    record = {"stage": stage, "preset": config.name, "steps": result.steps, "batch_size": batch_size,
+              "train_seconds": round(time.perf_counter() - start, 1), "final_loss": result.final_loss,
+              "data": str(data) if data is not None else f"ShapeWorld at {config.image_size} px", "seed": seed,
+              "device": device, **memory_report(model)}
+    if is_main_process():
+        save_system(model, tokenizer, out_dir / stage, config, record,
+                    adapter_dir="../stage1/adapter" if stage == "stage2" else None)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    wait_for_everyone()
+    return record
 
 
 def memory_report(model: nn.Module) -> dict[str, float]:

@@ -82,6 +82,7 @@ class M2ChatModel(nn.Module):
         self.vae, self.image_size = vae, image_size
         self.source: dict[str, Path] = {}  # the folders of the frozen parts, when loaded by load_system
         self.record: dict = {}  # how the system was trained, when loaded by load_system
+        self.hf_config = None  # an hf-small system: the config naming its checkpoints (hf.build_system)
         self.context_tokens, self.visual_layer, self.lm_layers = context_tokens, visual_layer, tuple(lm_layers)
         self.unet.requires_grad_(False)
         self.teacher.requires_grad_(False)
@@ -225,9 +226,30 @@ def _cut_after_picture(sample: Sample, turn_index: int, picture_index: int) -> S
     return Sample(sample.id, sample.task, turns + [Turn(sample.turns[turn_index].role, content)], sample.meta)
 
 
+def picture_captions(sample: Sample) -> list[str]:
+    """What the teacher reads for each picture of ``sample``: a ShapeWorld picture's scene described in full;
+    for real data (no scenes), a caption pair's caption, else the words just before the picture in its
+    turn (a story's sentence), else the user's last words (a dialogue's request)."""
+    try:
+        return [world.caption(scene) for scene in scenes_of(sample)]
+    except (KeyError, TypeError):
+        pass
+    captions, request = [], ""
+    for turn in sample.turns:
+        words = ""
+        for segment in turn.content:
+            if isinstance(segment, Image):
+                captions.append(sample.meta.get("caption") or words or request)
+            elif segment.text.strip():
+                words = segment.text.strip()
+        if turn.role == "user" and words:
+            request = words
+    return captions
+
+
 def examples_of(sample: Sample, rng: random.Random | None = None) -> list[AlignmentExample]:
     """Every picture the assistant draws in ``sample``, as an alignment example (or one, chosen by ``rng``)."""
-    scenes = scenes_of(sample)
+    captions = picture_captions(sample)
     pictures = sample.images()
     found, index = [], 0
     for t, turn in enumerate(sample.turns):
@@ -236,7 +258,7 @@ def examples_of(sample: Sample, rng: random.Random | None = None) -> list[Alignm
             if not isinstance(segment, Image):
                 continue
             if turn.role == "assistant":
-                found.append(AlignmentExample(_cut_after_picture(sample, t, drawn), world.caption(scenes[index]),
+                found.append(AlignmentExample(_cut_after_picture(sample, t, drawn), captions[index],
                                               pictures[index].load(), pictures[index - 1].load() if index else None))
                 drawn += 1
             index += 1
@@ -330,11 +352,15 @@ def stage2_loss(model: M2ChatModel, batch: dict) -> torch.Tensor:
 
 def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch_size: int = 32,
                  pool_size: int = 6000, lambda_seq: float = 1.0, lambda_pooled: float = 1.0, out_dir=None,
-                 device: str = "cpu", progress: bool = True) -> TrainResult:
-    """Stage 1 with the shared loop: adapter and ``[IMG]`` embeddings learn, all else is frozen."""
+                 device: str = "cpu", progress: bool = True,
+                 examples: Sequence[AlignmentExample] | None = None) -> TrainResult:
+    """Stage 1 with the shared loop: adapter and ``[IMG]`` embeddings learn, all else is frozen. The data
+    is ``pool_size`` ShapeWorld examples, or ``examples`` (real data: ``examples_of`` each sample)."""
     set_stage(model, "stage1")
     model.to(device)
-    examples = alignment_examples(pool_size, seed=train_config.seed, image_size=model.image_size)
+    examples = list(examples) if examples is not None else \
+        alignment_examples(pool_size, seed=train_config.seed, image_size=model.image_size)
+    _check_pool(examples, batch_size, "alignment examples")
     last_parts: dict[str, float] = {}
 
     def make_batch(step: int) -> dict:
@@ -352,16 +378,24 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
 
 def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch_size: int = 32,
                  pool_size: int = 6000, train_adapter_gate: bool = False, out_dir=None, device: str = "cpu",
-                 progress: bool = True) -> TrainResult:
-    """Stage 2 with the shared loop: LoRA, projector and fusion gate learn; the adapter is frozen."""
+                 progress: bool = True, samples: Sequence[Sample] | None = None) -> TrainResult:
+    """Stage 2 with the shared loop: LoRA, projector and fusion gate learn; the adapter is frozen. The data
+    is ``pool_size`` ShapeWorld stories, dialogues and questions, or ``samples`` (real data)."""
     set_stage(model, "stage2", train_adapter_gate)
     model.to(device)
-    samples = stage2_samples(pool_size, seed=train_config.seed, image_size=model.image_size)
+    samples = list(samples) if samples is not None else \
+        stage2_samples(pool_size, seed=train_config.seed, image_size=model.image_size)
+    _check_pool(samples, batch_size, "samples")
     make_batch = sample_batches(tokenizer, samples, model.fused.tokens_per_image, batch_size, model.image_size,
                                 seed=train_config.seed)
     return train(model, lambda batch: stage2_loss(model, batch), make_batch, train_config, out_dir=out_dir,
                  device=device, progress=progress, description="M³FT stage 2",
                  log_extra=lambda: {"fusion_gate": model.fused.gate_value()})
+
+
+def _check_pool(pool: Sequence, batch_size: int, what: str) -> None:
+    if len(pool) < batch_size:
+        raise ValueError(f"{len(pool)} {what} for batches of {batch_size}: give more data or a smaller batch size")
 
 
 def train_joint(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch_size: int = 32,
@@ -526,6 +560,10 @@ def load_system(folder, device: str = "cpu"):
     if not (folder / SYSTEM_FILE).is_file():
         raise FileNotFoundError(f"no M²Chat system in {folder} ({SYSTEM_FILE} is missing); train one with "
                                 "`m2chat-lite train --preset tiny --stage stage1` or save it with save_system")
+    from . import hf
+
+    if (folder / hf.HF_FILE).is_file():  # an hf-small system: its frozen parts are checkpoints, not folders here
+        return hf.load_system(folder, device=device)
     try:
         meta = json.loads((folder / SYSTEM_FILE).read_text())
     except json.JSONDecodeError as error:

@@ -150,7 +150,12 @@ class M2ChatPipeline:
 
     def save_pretrained(self, folder) -> Path:
         """A self-contained copy of the system in ``folder`` (the frozen LM, CLIP and generator folders
-        beside the trained parts), written all or nothing; ``from_pretrained(folder)`` loads it anywhere."""
+        beside the trained parts), written all or nothing; ``from_pretrained(folder)`` loads it anywhere.
+        An ``hf-small`` system writes its trained parts and the checkpoint ids its frozen parts load from."""
+        if getattr(self.model, "hf_config", None) is not None:  # hf-small: the checkpoints are named, not copied
+            from .hf import save_system as save_hf_system
+
+            return save_hf_system(self.model, self.tokenizer, folder, self.model.hf_config, self.model.record)
         missing = [name for name in ("lm", "clip", "diffusion") if not Path(self.parts.get(name, "")).is_dir()]
         if missing:
             raise ValueError(f"this pipeline does not know where its {', '.join(missing)} folders are (it was not "

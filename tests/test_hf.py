@@ -2,6 +2,8 @@
 with a ChatML template, SigLIP, Stable Diffusion's UNet + VAE + CLIP text encoder), saved with
 ``save_pretrained`` and loaded through exactly the code a hub id goes through (``hf.save_stand_ins``)."""
 
+import json
+
 import pytest
 import torch
 
@@ -132,3 +134,75 @@ def test_a_clip_vision_tower_keeps_its_own_class_token(tmp_path):
     out = tower(torch.zeros(1, 3, 32, 32))
     assert tower.has_class_token and out.last_hidden_state.shape == (1, 17, 16)
     torch.testing.assert_close(tower.mean.flatten(), torch.tensor(hf.IMAGE_STATS["clip"][0]))
+
+
+def test_a_trained_system_saves_and_loads_through_the_pipeline(system, tmp_path):
+    model, tokenizer, generator = system
+    train_stage1(model, tokenizer, TrainConfig(max_steps=1, log_every=1, warmup_steps=1), batch_size=2,
+                 pool_size=4, progress=False)
+    pipe = M2ChatPipeline(model, tokenizer, generator)
+    pipe.save_pretrained(tmp_path / "system")
+    assert sorted(p.name for p in (tmp_path / "system").iterdir()) == ["adapter", "fused", "hf.json", "m2chat.json"]
+    loaded = M2ChatPipeline.from_pretrained(tmp_path / "system", device="cpu")
+    for name, param in model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], param, msg=name)  # random resize rows too
+    messages = [{"role": "user", "content": "draw"}, {"role": "assistant", "content": [{"type": "image"}]}]
+    first = pipe.illustrate(messages, num_inference_steps=2)[-1]["content"][0]["image"]
+    again = loaded.illustrate(messages, num_inference_steps=2)[-1]["content"][0]["image"]
+    assert first.tobytes() == again.tobytes()
+
+
+def test_hf_training_runs_both_stages_from_real_data_files(config, tmp_path):
+    from m2chat_lite.data import write_jsonl
+    from m2chat_lite.world.samples import make_samples
+
+    captions = make_samples("caption", 4, seed=1, image_size=32)
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for i, sample in enumerate(captions):  # the folder layout: picture + same-stem caption
+        sample.images()[0].load().save(pairs / f"{i}.png")
+        (pairs / f"{i}.txt").write_text(sample.meta["caption"])
+    record = hf.train("stage1", config, tmp_path / "run", data=pairs, steps=2, batch_size=2, device="cpu",
+                      progress=False)
+    assert record["steps"] == 2 and (tmp_path / "run" / "stage1" / "hf.json").is_file()
+    assert not (tmp_path / "run" / ".state" / "stage1").exists()
+    stories = tmp_path / "stories.jsonl"
+    write_jsonl(make_samples("story", 3, seed=2, image_size=32), stories)
+    record = hf.train("stage2", config, tmp_path / "run", data=stories, steps=1, batch_size=2, device="cpu",
+                      progress=False)
+    assert record["stage"] == "stage2" and record["trained_mb"] > 0
+    pipe = M2ChatPipeline.from_pretrained(tmp_path / "run" / "stage2", device="cpu")
+    assert pipe.model.record["stage"] == "stage2"
+    (tmp_path / "vist.json").write_text("{}")
+    with pytest.raises(ValueError, match="VIST file: pass the folder of its pictures"):
+        hf.read_training_data(tmp_path / "vist.json")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hf.read_training_data(tmp_path / "missing.jsonl")
+
+
+def test_real_pictures_are_captioned_by_their_own_words():
+    from m2chat_lite.data import Image, Sample, Text, Turn
+    from m2chat_lite.m3ft import picture_captions
+
+    picture = Image(path="x.png")
+    story = Sample("s", "story", [Turn("user", [Text("tell me a story")]),
+                                  Turn("assistant", [Text("A cat sat."), picture, Text("It ran."), picture])], {})
+    assert picture_captions(story) == ["A cat sat.", "It ran."]
+    edit = Sample("d", "dialogue", [Turn("user", [Text("make it blue")]), Turn("assistant", [picture])], {})
+    assert picture_captions(edit) == ["make it blue"]
+
+
+def test_the_cli_trains_hf_small_from_local_checkpoints(config, tmp_path, capsys):
+    from m2chat_lite.cli import main
+
+    ids = ["--lm-id", config.lm_id, "--vision-id", config.vision_id, "--generator-id", config.generator_id]
+    out = ["--out", str(tmp_path), "--device", "cpu"]
+    assert main(["train", "--preset", "hf-small", "--stage", "stage2", *out, *ids]) == 2
+    assert "no hf-small stage-1 system" in capsys.readouterr().err
+    assert main(["train", "--preset", "hf-small", "--stage", "lm"]) == 2
+    assert "trains --stage stage1 or stage2" in capsys.readouterr().err
+    # ShapeWorld (no --data) at the stand-ins' 32 px
+    assert main(["train", "--preset", "hf-small", "--stage", "stage1", "--steps", "1", "--batch-size", "2",
+                 "--image-size", "32", *out, *ids]) == 0
+    assert "stage1: 1 steps" in capsys.readouterr().out
+    assert json.loads((tmp_path / "stage1" / "hf.json").read_text())["image_size"] == 32
