@@ -96,13 +96,13 @@ def load_vision_tower(vision_id: str, dtype: torch.dtype = torch.float32) -> Vis
                          "(set vision_id to one, e.g. google/siglip-base-patch16-224)")
     model = classes[family].from_pretrained(vision_id, dtype=dtype).eval().requires_grad_(False)
     mean, std = IMAGE_STATS[family]
-    try:  # the checkpoint's own statistics when it ships a preprocessor config
-        from transformers import AutoImageProcessor
+    from transformers.utils import cached_file
 
-        processor = AutoImageProcessor.from_pretrained(vision_id)
-        mean, std = list(processor.image_mean), list(processor.image_std)
-    except (OSError, ValueError, AttributeError, TypeError):
-        pass
+    # the checkpoint's own statistics when it ships a preprocessor config (read as JSON: no image processor)
+    found = cached_file(vision_id, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+    if found:
+        processor = json.loads(Path(found).read_text())
+        mean, std = processor.get("image_mean", mean), processor.get("image_std", std)
     return VisionTower(model, mean, std, has_class_token=family == "clip")
 
 

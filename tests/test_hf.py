@@ -206,3 +206,14 @@ def test_the_cli_trains_hf_small_from_local_checkpoints(config, tmp_path, capsys
                  "--image-size", "32", *out, *ids]) == 0
     assert "stage1: 1 steps" in capsys.readouterr().out
     assert json.loads((tmp_path / "stage1" / "hf.json").read_text())["image_size"] == 32
+
+
+def test_a_vision_tower_uses_its_checkpoints_own_pixel_statistics(config, tmp_path):
+    import shutil
+
+    shutil.copytree(config.vision_id, tmp_path / "vision")
+    (tmp_path / "vision" / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [0.5, 0.5, 0.5]}))
+    tower = hf.load_vision_tower(str(tmp_path / "vision"))
+    torch.testing.assert_close(tower.mean.flatten(), torch.tensor([0.1, 0.2, 0.3]))
+    assert hf.load_vision_tower(config.vision_id).mean.flatten().tolist() == [0.5, 0.5, 0.5]  # SigLIP's default

@@ -44,6 +44,7 @@ ALTERNATE_PARAMETERS: dict[str, dict | list[dict]] = {
     "08_m3ft_stage2_instruction": {"seed": 1, "max_steps": 4, "batch_size": 4, "eval_samples": 8, "device": "cpu"},
     "09_interleaved_chat": {"seed": 1, "story_subject": "a big blue circle", "temperature": 1.2, "device": "cpu"},
     "10_evaluation_and_ablations": {"seed": 1, "eval_limit": 3, "eval_captions": 6, "device": "cpu"},
+    "11_scaling_up": {"seed": 1, "steps": 2, "batch_size": 3, "checkpoints": "stand-ins", "device": "cpu"},
 }
 
 NOTEBOOKS = find_notebooks()
