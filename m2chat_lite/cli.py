@@ -441,6 +441,10 @@ def run_eval(args: argparse.Namespace) -> int:
     pipeline = M2ChatPipeline.from_pretrained(args.model, device=None if args.device == "auto" else args.device)
     suites = SUITES if "all" in args.suite else tuple(dict.fromkeys(args.suite))
     results = run(pipeline, suites, split=args.split, limit=args.limit, seed=args.seed)
+    results["meta"]["model"] = str(args.model) if args.model is not None else "the shipped system"
+    import torch
+
+    results["meta"]["threads"] = torch.get_num_threads()
     print(format_table(results))
     if args.json:
         save_json(results, args.json)

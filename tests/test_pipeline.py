@@ -314,6 +314,7 @@ def test_eval_runs_every_suite_on_a_few_samples(system_dir, tmp_path, capsys):
     assert results["t2i"]["teacher"]["fid_tiny_clip"] >= 0 and results["story"]["frames"] >= 4
     assert 0 <= results["story"]["consistency"] <= 1 and results["dialog"]["edits"] >= 1
     assert 0 <= results["vqa"]["exact"] <= 1 and results["meta"]["seed"] == 0
+    assert results["meta"]["model"] == str(system_dir) and results["meta"]["threads"] >= 1
     printed = capsys.readouterr().out
     assert "== story (2 samples" in printed and "consistency" in printed
     assert main(["eval", "--model", str(system_dir), "--limit", "0"]) == 2
