@@ -203,3 +203,24 @@ def pipeline_diagram(highlight=(), size: float = 9.5):
     ax.set_xlim(-0.2, 10.9), ax.set_ylim(-0.2, 4.7)
     ax.axis("off")
     return fig
+
+
+def plot_gate_tradeoff(sweep: dict, size: tuple[float, float] = (10, 3.6)):
+    """The creativity–consistency plot of notebook 10 from ``benchmarks/gate_sweep.json``: for stories
+    (frames fully right against the character kept) and dialogue edits (edits done against untouched objects
+    kept), the fixed gate from 0 to 1 as a line, the learned gate and the two-step baseline as markers."""
+    fig, axes = plt.subplots(1, 2, figsize=size, layout="constrained")
+    for ax, (x, y, title) in zip(axes, (("story_alignment_exact", "story_consistency", "stories"),
+                                       ("edit_success", "edit_preservation", "dialogue edits"))):
+        fixed = [r for r in sweep["rows"] if r["mode"] == "fixed" and r[x] is not None and r[y] is not None]
+        ax.plot([r[x] for r in fixed], [r[y] for r in fixed], "o-", color="grey", label="fixed gate 0 → 1")
+        for r in fixed:
+            ax.annotate(f"{r['value']:g}", (r[x], r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for r in sweep["rows"]:
+            if r["mode"] != "fixed" and r[x] is not None and r[y] is not None:
+                ax.plot(r[x], r[y], "*" if r["mode"] == "trained" else "s", markersize=11, label=r["gate"])
+        ax.set_xlabel(x.replace("_", " ") + "  (creativity: follow the words)")
+        ax.set_ylabel(y.replace("_", " ") + "  (consistency)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    return fig

@@ -4,6 +4,7 @@
   beside a story from the frozen benchmark split (ShapeWorld ground truth, drawn by the renderer): what it
   learned from.
 - docs/pipeline.png: the pipeline diagram of notebook 00.
+- docs/gate_tradeoff.png: the creativity–consistency plot of notebook 10, from benchmarks/gate_sweep.json.
 - docs/diffusion_samples.png: the reference diffusion generator (data/checkpoints/tiny/diffusion) drawing
   benchmark captions, one- and two-object test captions and held-out colour–shape pairs, each marked with
   the oracle's verdict (skipped if the generator is not there).
@@ -69,7 +70,17 @@ def save_story() -> None:
     save(fig, "story.png")
 
 
+def save_gate_tradeoff() -> None:
+    import json
+
+    from m2chat_lite.plotting import plot_gate_tradeoff
+
+    sweep = json.loads((DOCS.parent / "benchmarks" / "gate_sweep.json").read_text())
+    save(plot_gate_tradeoff(sweep), "gate_tradeoff.png")
+
+
 if __name__ == "__main__":
+    save_gate_tradeoff()
     save_story()
     save(pipeline_diagram(highlight=("adapter",)), "pipeline.png")
     save_diffusion_samples()
