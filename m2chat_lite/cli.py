@@ -435,6 +435,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         print(f"m2chat-lite eval: --limit must be at least 1, got {args.limit}", file=sys.stderr)
         return EXIT_USAGE
+    from torch import get_num_threads
+
     from .evaluation import SUITES, format_table, run, save_json
     from .pipeline import M2ChatPipeline
 
@@ -442,9 +444,7 @@ def run_eval(args: argparse.Namespace) -> int:
     suites = SUITES if "all" in args.suite else tuple(dict.fromkeys(args.suite))
     results = run(pipeline, suites, split=args.split, limit=args.limit, seed=args.seed)
     results["meta"]["model"] = str(args.model) if args.model is not None else "the shipped system"
-    import torch
-
-    results["meta"]["threads"] = torch.get_num_threads()
+    results["meta"]["threads"] = get_num_threads()
     print(format_table(results))
     if args.json:
         save_json(results, args.json)

@@ -299,10 +299,9 @@ def load_system(folder, device: str | None = None):
     ``hf.json`` names (hub ids or folders), the trained parts from the folder."""
     from safetensors.torch import load_file
 
-    from .adapter import M3Adapter
     from .backbone import build_lm, build_tokenizer
     from .fusion import load_fused
-    from .m3ft import SYSTEM_FILE, M2ChatModel
+    from .m3ft import SYSTEM_FILE, assemble_system
 
     folder, device = Path(folder), get_device(device)
     try:
@@ -327,14 +326,11 @@ def load_system(folder, device: str | None = None):
         generator = LatentDiffusionGenerator.from_pretrained(config.generator_id, dtype=dtype,
                                                              image_size=config.image_size)
     fused, tokenizer = load_fused(folder / "fused", device=device, lm=(lm, tokenizer), vision=vision)
-    adapter = M3Adapter.from_pretrained(folder / meta.get("adapter_dir", "adapter"), device=device)
     generator.to(device)
-    model = M2ChatModel(fused, adapter, generator.unet, generator.training_scheduler(), generator.text_encoder,
-                        generator.tokenizer, meta["context_tokens"], meta["visual_layer"], meta["lm_layers"],
-                        vae=generator.vae, image_size=generator.image_size)
-    model.source = {"lm": config.lm_id, "clip": config.vision_id, "diffusion": config.generator_id}
-    model.record, model.hf_config = meta.get("record", {}), config
-    return model.to(device).eval(), tokenizer, generator
+    source = {"lm": config.lm_id, "clip": config.vision_id, "diffusion": config.generator_id}
+    model = assemble_system(folder, meta, fused, generator, source, device)
+    model.hf_config = config
+    return model, tokenizer, generator
 
 
 def read_training_data(path, images=None, image_size: int = 256) -> list:

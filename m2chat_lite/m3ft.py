@@ -569,15 +569,22 @@ def load_system(folder, device: str = "cpu"):
     except json.JSONDecodeError as error:
         raise ValueError(f"{folder / SYSTEM_FILE} is not valid JSON ({error}); save the system again") from error
     fused, tokenizer = load_fused(folder / "fused", device=device)
-    adapter = M3Adapter.from_pretrained(folder / meta.get("adapter_dir", "adapter"), device=device)
     diffusion_dir = (folder / meta["diffusion_dir"]).resolve()
     pipeline = TinyDiffusionPipeline.from_pretrained(diffusion_dir, device=device)
-    model = M2ChatModel(fused, adapter, pipeline.unet, pipeline.training_scheduler(), pipeline.text_encoder,
-                        pipeline.tokenizer, meta["context_tokens"], meta["visual_layer"], meta["lm_layers"],
-                        vae=getattr(pipeline, "vae", None), image_size=pipeline.image_size)
     fused_config = json.loads((folder / "fused" / "fusion_config.json").read_text())
-    # where the frozen parts came from (M2ChatPipeline.save_pretrained copies them) and how it was trained
-    model.source = {"lm": (folder / "fused" / fused_config["lm_dir"]).resolve(),
-                    "clip": (folder / "fused" / fused_config["clip_dir"]).resolve(), "diffusion": diffusion_dir}
-    model.record = meta.get("record", {})
-    return model.to(device).eval(), tokenizer, pipeline
+    # where the frozen parts came from (M2ChatPipeline.save_pretrained copies them)
+    source = {"lm": (folder / "fused" / fused_config["lm_dir"]).resolve(),
+              "clip": (folder / "fused" / fused_config["clip_dir"]).resolve(), "diffusion": diffusion_dir}
+    return assemble_system(folder, meta, fused, pipeline, source, device), tokenizer, pipeline
+
+
+def assemble_system(folder: Path, meta: dict, fused: FusedLM, generator, source: dict, device: str) -> M2ChatModel:
+    """The :class:`M2ChatModel` of a saved system (``meta``: its ``m2chat.json``) around its loaded ``fused``
+    LM and ``generator``: the adapter from the folder, the generator's frozen pieces, where the frozen parts
+    came from (``source``) and how it was trained. Shared by this module's and ``hf``'s ``load_system``."""
+    adapter = M3Adapter.from_pretrained(folder / meta.get("adapter_dir", "adapter"), device=device)
+    model = M2ChatModel(fused, adapter, generator.unet, generator.training_scheduler(), generator.text_encoder,
+                        generator.tokenizer, meta["context_tokens"], meta["visual_layer"], meta["lm_layers"],
+                        vae=getattr(generator, "vae", None), image_size=generator.image_size)
+    model.source, model.record = source, meta.get("record", {})
+    return model.to(device).eval()
