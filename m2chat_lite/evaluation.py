@@ -79,7 +79,8 @@ def illustrate_two_step(pipe, messages: Sequence[dict], seed: int = 0) -> list[d
     return done
 
 
-def _drawn(messages: Sequence[dict]) -> list[dict]:
+def drawn_pictures(messages: Sequence[dict]) -> list[dict]:
+    """The picture segments the assistant drew in ``messages`` (each ``{"image", "gate"}``), in order."""
     return [s for m in messages if m["role"] == "assistant" for s in m["content"] if s["type"] == "image"]
 
 
@@ -125,7 +126,7 @@ def eval_story(pipe, samples: Sequence[Sample], seed: int = 0, text_samples: int
 
     rows, gates = [], []
     for sample in tqdm(samples, desc="stories", disable=not progress):
-        drawn = _drawn(_illustrate(pipe, sample, seed, two_step))
+        drawn = drawn_pictures(_illustrate(pipe, sample, seed, two_step))
         rows.append(metrics.story_scores([s["image"] for s in drawn], scenes_of(sample), Obj(**sample.meta["character"])))
         gates += [s["gate"] for s in drawn[1:] if s["gate"] is not None]
     written = teacher_forced_scores(pipe.model.fused, pipe.tokenizer, list(samples))
