@@ -212,14 +212,17 @@ def stage_loss(model, tokenizer, stage: str, batch_size: int, seed: int = 0):
 
     m3ft.set_stage(model, stage)
     model.train()
+
+    def aligned(n: int) -> dict:
+        return m3ft.alignment_batch(model, tokenizer, m3ft.alignment_examples(n, seed=seed, image_size=model.image_size))
     if stage == "stage1":
-        batch = m3ft.alignment_batch(model, tokenizer, m3ft.alignment_examples(batch_size, seed=seed,
-                                                                               image_size=model.image_size))
+        batch = aligned(batch_size)
         return lambda: m3ft.stage1_loss(model, batch)[0]
     samples = m3ft.stage2_samples(max(8, 2 * batch_size), seed=seed, image_size=model.image_size)
     batch = fusion.sample_batches(tokenizer, samples, model.fused.tokens_per_image, batch_size, model.image_size,
                                   seed=seed)(0)
-    return lambda: m3ft.stage2_loss(model, batch)
+    alignment = aligned(max(1, batch_size // 2))  # train_stage2's default alignment batch
+    return lambda: m3ft.stage2_objective(model, batch, alignment)[0]
 
 
 def cpu_activations(config: M2ChatConfig, batch_size: int, half: bool) -> dict[str, int]:

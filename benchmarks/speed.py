@@ -78,9 +78,11 @@ def tiny_rows(device: str, steps: int) -> list[tuple[str, str]]:
                          lambda n: m3ft.alignment_batch(model, tokenizer, m3ft.alignment_examples(n)),
                          lambda b: m3ft.stage1_loss(model, b)[0]),
         "M³FT stage 2": ("stage2", RECIPE["stage2"]["batch_size"],
-                         lambda n: fusion.sample_batches(tokenizer, m3ft.stage2_samples(4 * n),
-                                                         model.fused.tokens_per_image, n)(0),
-                         lambda b: m3ft.stage2_loss(model, b)),
+                         lambda n: (fusion.sample_batches(tokenizer, m3ft.stage2_samples(4 * n),
+                                                          model.fused.tokens_per_image, n)(0),
+                                    m3ft.alignment_batch(model, tokenizer, m3ft.alignment_examples(
+                                        RECIPE["stage2"]["alignment_batch_size"]))),
+                         lambda b: m3ft.stage2_objective(model, *b)[0]),
     }
     model.train()
     for name, (stage, batch_size, make, loss_fn) in stage_batches.items():

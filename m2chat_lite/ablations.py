@@ -9,7 +9,8 @@ the ablation names changes.
   mapper: queries over the LM's states, no visual branch, no gate), ``static`` (one learned tanh scalar) or
   ``adaptive`` (the recipe's: computed per query from both branches).
 - **M³FT variants** (``train_m3ft_variants``): stage 1 only, stage 2 only (the adapter never trained), both
-  stages in order (the recipe), and one joint stage with both groups and both losses
+  stages in order (the recipe), both stages with stage 2 on the LM loss alone (no stage-1 loss to keep the
+  adapter's input in place), and one joint stage with both groups and both losses
   (``m3ft.train_joint``). A joint step costs about a step of each stage and sees a batch of each, so the
   joint run gets ``max(stage1_steps, stage2_steps)`` steps: at least the data of the two-stage run.
 
@@ -20,6 +21,7 @@ stories teacher-forced, visual questions answered).
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Iterator, Sequence
 
@@ -36,7 +38,8 @@ from .utils import set_seed
 
 GATE_VARIANTS = {"gate off (GILL-style mapper)": "off", "static gate": "static",
                  "adaptive gate (the recipe)": "adaptive"}
-M3FT_VARIANTS = ("stage 1 only", "stage 2 only", "both stages (the recipe)", "one joint stage")
+NO_ALIGNMENT = "both stages, stage 2 on the LM loss alone"
+M3FT_VARIANTS = ("stage 1 only", "stage 2 only", "both stages (the recipe)", NO_ALIGNMENT, "one joint stage")
 
 
 def _config(stage: str, steps: int, seed: int) -> TrainConfig:
@@ -79,7 +82,8 @@ def train_m3ft_variants(stage1_steps: int, stage2_steps: int, fusion_dir, genera
                         ) -> Iterator[tuple[str, M2ChatPipeline, dict]]:
     """Yield ``(variant, pipeline, training info)`` for each of ``variants``, in the order of
     ``M3FT_VARIANTS``, one at a time: score each before asking for the next, because "both stages" goes on
-    training the "stage 1 only" system (so the two share their stage 1 exactly). ``batch_size`` and
+    training the "stage 1 only" system (so the two share their stage 1 exactly; the variant without the
+    stage-1 loss in stage 2 trains a copy of it). ``batch_size`` and
     ``pool_size`` default to the recipe's (the same for both stages: 32 and 6,000)."""
     unknown = [v for v in variants if v not in M3FT_VARIANTS]
     if unknown:
@@ -95,23 +99,27 @@ def train_m3ft_variants(stage1_steps: int, stage2_steps: int, fusion_dir, genera
         return {"stage1_steps": result.steps, "stage1_seconds": round(time.perf_counter() - start),
                 "stage1_final": _final_parts(result)}
 
-    def stage2(model: M2ChatModel, tokenizer) -> dict:
+    def stage2(model: M2ChatModel, tokenizer, alignment_weight: float = RECIPE["stage2"]["alignment_weight"]) -> dict:
         set_seed(seed)
         start = time.perf_counter()
         result = train_stage2(model, tokenizer, _config("stage2", stage2_steps, seed), batch_size=batch,
-                              pool_size=pool, progress=progress)
+                              pool_size=pool, alignment_weight=alignment_weight, progress=progress)
         return {"stage2_steps": result.steps, "stage2_seconds": round(time.perf_counter() - start),
-                "stage2_final": _final_parts(result)}
+                "stage2_alignment_weight": alignment_weight, "stage2_final": _final_parts(result)}
 
     after_stage1 = None  # (model, tokenizer, info) of stage 1, shared by "stage 1 only" and "both stages"
     for variant in [v for v in M3FT_VARIANTS if v in variants]:  # in this order: "both" continues "stage 1"
-        if variant in ("stage 1 only", "both stages (the recipe)"):
+        if variant in ("stage 1 only", "both stages (the recipe)", NO_ALIGNMENT):
             if after_stage1 is None:
                 model, tokenizer = fresh_system(fusion_dir, generator, seed=seed)
                 after_stage1 = (model, tokenizer, stage1(model, tokenizer))
             model, tokenizer, info = after_stage1
             if variant == "both stages (the recipe)":
+                if NO_ALIGNMENT in variants:
+                    model = copy.deepcopy(model)  # the next variant starts from the same stage-1 system
                 info = {**info, **stage2(model, tokenizer)}
+            elif variant == NO_ALIGNMENT:
+                info = {**info, **stage2(model, tokenizer, alignment_weight=0.0)}
         elif variant == "stage 2 only":
             model, tokenizer = fresh_system(fusion_dir, generator, seed=seed)
             info = stage2(model, tokenizer)

@@ -46,7 +46,7 @@ RECIPE = {
     "stage1": {"steps": 3000, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
                "pool_size": 6000, "gate_mode": "adaptive", "lambda_seq": 1.0, "lambda_pooled": 1.0},
     "stage2": {"steps": 800, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
-               "pool_size": 6000},
+               "pool_size": 6000, "alignment_weight": 1.0, "alignment_batch_size": 16},
 }
 
 
@@ -165,7 +165,7 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
                        "same, float32 adapter": _scores(evaluate_alignment(model, tokenizer, pipeline, captions)),
                        "teacher text encoder -> generator": _scores(evaluate_generator(pipeline, captions))}
     elif stage == "stage2":
-        from .m3ft import load_system, save_system, stage2_metrics, train_stage2
+        from .m3ft import evaluate_alignment, load_system, save_system, stage2_metrics, train_stage2
 
         r = RECIPE["stage2"]
         if not (out_dir / "stage1" / "m2chat.json").is_file():
@@ -173,10 +173,14 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
                                     f"--out {out_dir}` first")
         model, tokenizer, pipeline = load_system(out_dir / "stage1", device=device)
         result = train_stage2(model, tokenizer, train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
+                              alignment_weight=r["alignment_weight"], alignment_batch_size=r["alignment_batch_size"],
                               out_dir=state_dir, device=device, progress=progress)
         seconds = time.perf_counter() - start
         if main:
             metrics = stage2_metrics(model, tokenizer, pipeline)
+            # stage 2 must not undo stage 1: the pictures drawn through the stage-2 LM, scored as in stage 1
+            metrics["LM -> adapter -> generator"] = _scores(
+                evaluate_alignment(model, tokenizer, pipeline, load_benchmark("caption")))
             # stage 2 leaves the adapter as stage 1 made it: the stage-2 system points at stage 1's
             save_system(model, out_dir / "stage2", record={"stage": "stage2", "steps": result.steps},
                         adapter_dir="../stage1/adapter")

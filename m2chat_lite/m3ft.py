@@ -20,7 +20,12 @@ a dialogue edit changes one attribute), so the adapter's visual branch and gate 
 **Stage 2, visual instruction** (``stage2_loss``). A disjoint group trains: LoRA on the LM, the projector and
 the fusion gate (notebook 05); the adapter is frozen (its gate too, unless ``train_adapter_gate=True``, which
 only the gate ablations of notebook 10 use). The loss is the LM's loss on the assistant's tokens of stories,
-dialogues and visual questions: the words, and when to write the ``[IMG]`` span.
+dialogues and visual questions: the words, and when to write the ``[IMG]`` span, **plus** stage 1's loss on
+alignment examples, weighted by ``alignment_weight`` (1 by default), as the official stage 2 keeps its three
+losses. The adapter is frozen, so that term moves only the LoRA: it keeps the hidden states the adapter reads
+where stage 1 left them. Without it (``alignment_weight=0``) the LoRA drifts those states and the pictures
+suffer: 800 steps took the benchmark's fully-right pictures from 17.3% after stage 1 to 8.7%
+(``benchmarks/RESULTS.md``).
 
 ``trainable_groups(stage)`` names each stage's parameters; ``check_disjoint`` proves the two stages share
 none (tested, with a test that frozen weights do not move).
@@ -345,6 +350,20 @@ def stage2_loss(model: M2ChatModel, batch: dict) -> torch.Tensor:
     return fusion_loss(model.fused, batch)
 
 
+def stage2_objective(model: M2ChatModel, instruction: dict, aligned: dict | None = None,
+                     alignment_weight: float = 1.0, lambda_seq: float = 1.0, lambda_pooled: float = 1.0
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+    """What a stage-2 step minimises: :func:`stage2_loss` on an ``instruction`` batch, plus
+    ``alignment_weight`` × :func:`stage1_loss` on an ``aligned`` batch (:func:`alignment_batch`). The adapter
+    is frozen in stage 2, so the second term only moves the LoRA: it keeps the states the adapter reads."""
+    l_lm = stage2_loss(model, instruction)
+    if aligned is None or not alignment_weight:
+        return l_lm, {"lm": l_lm.item()}
+    l_aligned, parts = stage1_loss(model, aligned, lambda_seq, lambda_pooled)
+    return l_lm + alignment_weight * l_aligned, {"lm": l_lm.item(), "alignment": l_aligned.item(),
+                                                 "seq_mse": parts["seq_mse"]}
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -358,14 +377,8 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
     is ``pool_size`` ShapeWorld examples, or ``examples`` (real data: ``examples_of`` each sample)."""
     set_stage(model, "stage1")
     model.to(device)
-    examples = list(examples) if examples is not None else \
-        alignment_examples(pool_size, seed=train_config.seed, image_size=model.image_size)
-    _check_pool(examples, batch_size, "alignment examples")
+    make_batch = _alignment_batches(model, tokenizer, examples, batch_size, train_config.seed, pool_size)
     last_parts: dict[str, float] = {}
-
-    def make_batch(step: int) -> dict:
-        rng = random.Random(train_config.seed * 1_000_003 + step)
-        return alignment_batch(model, tokenizer, rng.sample(examples, batch_size))
 
     def loss_fn(batch: dict) -> torch.Tensor:
         loss, parts = stage1_loss(model, batch, lambda_seq, lambda_pooled)
@@ -378,19 +391,57 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
 
 def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch_size: int = 32,
                  pool_size: int = 6000, train_adapter_gate: bool = False, out_dir=None, device: str = "cpu",
-                 progress: bool = True, samples: Sequence[Sample] | None = None) -> TrainResult:
+                 progress: bool = True, samples: Sequence[Sample] | None = None, alignment_weight: float = 1.0,
+                 alignment_batch_size: int | None = None, examples: Sequence[AlignmentExample] | None = None,
+                 lambda_seq: float = 1.0, lambda_pooled: float = 1.0) -> TrainResult:
     """Stage 2 with the shared loop: LoRA, projector and fusion gate learn; the adapter is frozen. The data
-    is ``pool_size`` ShapeWorld stories, dialogues and questions, or ``samples`` (real data)."""
+    is ``pool_size`` ShapeWorld stories, dialogues and questions, or ``samples`` (real data). Each step adds
+    ``alignment_weight`` × stage 1's loss on ``alignment_batch_size`` alignment examples (``batch_size // 2``
+    by default): ShapeWorld's, or ``examples`` (default with ``samples``: the pictures they draw)."""
     set_stage(model, "stage2", train_adapter_gate)
     model.to(device)
+    if samples is not None and examples is None:  # real data: align on the pictures it draws
+        examples = [example for sample in samples for example in examples_of(sample)]
+        if alignment_weight and not examples:
+            raise ValueError("stage 2's samples have no picture drawn by the assistant, so there is nothing to keep "
+                             "aligned: pass alignment examples (examples=...) or alignment_weight=0")
     samples = list(samples) if samples is not None else \
         stage2_samples(pool_size, seed=train_config.seed, image_size=model.image_size)
     _check_pool(samples, batch_size, "samples")
-    make_batch = sample_batches(tokenizer, samples, model.fused.tokens_per_image, batch_size, model.image_size,
-                                seed=train_config.seed)
-    return train(model, lambda batch: stage2_loss(model, batch), make_batch, train_config, out_dir=out_dir,
-                 device=device, progress=progress, description="M³FT stage 2",
-                 log_extra=lambda: {"fusion_gate": model.fused.gate_value()})
+    instruction_batch = sample_batches(tokenizer, samples, model.fused.tokens_per_image, batch_size,
+                                       model.image_size, seed=train_config.seed)
+    alignment = None
+    if alignment_weight:
+        alignment = _alignment_batches(model, tokenizer, examples, alignment_batch_size or max(1, batch_size // 2),
+                                       train_config.seed, pool_size)
+    last_parts: dict[str, float] = {}
+
+    def make_batch(step: int):
+        return instruction_batch(step) if alignment is None else (instruction_batch(step), alignment(step))
+
+    def loss_fn(batch) -> torch.Tensor:
+        if alignment is None:
+            return stage2_loss(model, batch)
+        loss, parts = stage2_objective(model, *batch, alignment_weight, lambda_seq, lambda_pooled)
+        last_parts.update(parts)
+        return loss
+
+    return train(model, loss_fn, make_batch, train_config, out_dir=out_dir, device=device, progress=progress,
+                 description="M³FT stage 2", log_extra=lambda: {"fusion_gate": model.fused.gate_value(), **last_parts})
+
+
+def _alignment_batches(model: M2ChatModel, tokenizer, examples: Sequence[AlignmentExample] | None, batch_size: int,
+                       seed: int, pool_size: int):
+    """``make_batch(step)`` for stage 1's loss: ``batch_size`` of ``examples`` (default: ``pool_size``
+    ShapeWorld alignment examples), drawn afresh for every step from ``seed``."""
+    examples = list(examples) if examples is not None else \
+        alignment_examples(pool_size, seed=seed, image_size=model.image_size)
+    _check_pool(examples, batch_size, "alignment examples")
+
+    def make_batch(step: int) -> dict:
+        rng = random.Random(seed * 1_000_003 + step)
+        return alignment_batch(model, tokenizer, rng.sample(examples, batch_size))
+    return make_batch
 
 
 def _check_pool(pool: Sequence, batch_size: int, what: str) -> None:
@@ -406,15 +457,14 @@ def train_joint(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch_
     each stage and sees one batch of each)."""
     set_stage(model, JOINT)
     model.to(device)
-    examples = alignment_examples(pool_size, seed=train_config.seed, image_size=model.image_size)
+    alignment = _alignment_batches(model, tokenizer, None, batch_size, train_config.seed, pool_size)
     samples = stage2_samples(pool_size, seed=train_config.seed, image_size=model.image_size)
     instruction_batch = sample_batches(tokenizer, samples, model.fused.tokens_per_image, batch_size,
                                        model.image_size, seed=train_config.seed)
     last_parts: dict[str, float] = {}
 
     def make_batch(step: int) -> tuple[dict, dict]:
-        rng = random.Random(train_config.seed * 1_000_003 + step)
-        return alignment_batch(model, tokenizer, rng.sample(examples, batch_size)), instruction_batch(step)
+        return alignment(step), instruction_batch(step)
 
     def loss_fn(batch: tuple[dict, dict]) -> torch.Tensor:
         alignment, instruction = batch

@@ -55,12 +55,18 @@ def test_the_m3ft_variants_share_their_stage_1_and_score_the_written_side(genera
     stories, dialogues, captions = small_benchmark()
     questions = load_benchmark("vqa", split="test")[:4]
     runs = ablations.train_m3ft_variants(2, 1, reference_fusion_dir("tiny"), generator, batch_size=4, pool_size=12,
-                                         variants=("both stages (the recipe)", "stage 2 only"))
-    seen = []
+                                         variants=(ablations.NO_ALIGNMENT, "both stages (the recipe)", "stage 2 only"))
+    seen, rows = [], {}
     for name, pipe, info in runs:
-        row = {"variant": name, **info, **ablations.score(pipe, stories, dialogues, captions, questions)}
-        check_row(row, next(r for r in shipped["rows"] if r["variant"] == name))
+        rows[name] = {"variant": name, **info, **ablations.score(pipe, stories, dialogues, captions, questions)}
+        check_row(rows[name], next(r for r in shipped["rows"] if r["variant"] == name))
         seen.append(name)
-    assert seen == ["stage 2 only", "both stages (the recipe)"]  # always in the order of M3FT_VARIANTS
+    # always in the order of M3FT_VARIANTS
+    assert seen == ["stage 2 only", "both stages (the recipe)", ablations.NO_ALIGNMENT]
+    recipe, no_alignment = rows["both stages (the recipe)"], rows[ablations.NO_ALIGNMENT]
+    assert recipe["stage2_alignment_weight"] == 1 and no_alignment["stage2_alignment_weight"] == 0
+    assert "alignment" in recipe["stage2_final"] and "alignment" not in no_alignment["stage2_final"]
+    # both went on from one stage-1 system: the copy kept it, so their stage 1 is the same
+    assert recipe["stage1_final"] == no_alignment["stage1_final"]
     with pytest.raises(ValueError, match="unknown M³FT variant"):
         next(ablations.train_m3ft_variants(1, 1, reference_fusion_dir("tiny"), generator, variants=("stage 3",)))

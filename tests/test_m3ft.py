@@ -104,6 +104,8 @@ def test_a_stage_moves_its_group_and_nothing_else(tok, stage):
         assert {"diffusion", "seq_mse", "pooled_mse", "gate"} <= set(result.history[-1])
     else:
         result = m3ft.train_stage2(model, tok, config, batch_size=4, pool_size=12, progress=False)
+        last = result.history[-1]  # the LM loss plus stage 1's loss through the frozen adapter
+        assert last["loss"] == pytest.approx(last["lm"] + last["alignment"], rel=1e-5)
     trained = set(m3ft.set_stage(model, stage))
     for name, param in model.named_parameters():
         moved = not torch.equal(param, before[name])
@@ -112,6 +114,37 @@ def test_a_stage_moves_its_group_and_nothing_else(tok, stage):
         assert not moved, f"{stage} changed the frozen {name}"
     assert any(not torch.equal(dict(model.named_parameters())[n], before[n]) for n in trained)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+
+
+def test_the_stage_2_objective_adds_stage_1s_loss_and_its_gradient_reaches_the_lora_through_the_adapter(tok):
+    model = system(tok)
+    trained = set(m3ft.set_stage(model, "stage2"))
+    instruction = fusion.sample_batches(tok, make_samples("story", 2), model.fused.tokens_per_image, 2)(0)
+    aligned = m3ft.alignment_batch(model, tok, m3ft.alignment_examples(3))
+    torch.manual_seed(0)
+    loss, parts = m3ft.stage2_objective(model, instruction, aligned, alignment_weight=0.5)
+    torch.manual_seed(0)
+    alone, _ = m3ft.stage1_loss(model, aligned)
+    assert loss.item() == pytest.approx(parts["lm"] + 0.5 * alone.item(), rel=1e-5)
+    assert parts["alignment"] == pytest.approx(alone.item(), rel=1e-5)
+    # the stage-1 term alone moves the LoRA (through the frozen adapter) and gives the adapter no gradient
+    model.zero_grad()
+    alone.backward()
+    lora = [p for n, p in model.named_parameters() if n in trained and "lora_B" in n]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+    assert all(p.grad is None for p in model.adapter.parameters())
+    without, parts = m3ft.stage2_objective(model, instruction, aligned, alignment_weight=0.0)
+    assert set(parts) == {"lm"} and without.item() == pytest.approx(m3ft.stage2_loss(model, instruction).item())
+
+
+def test_stage_2_on_real_data_without_drawn_pictures_says_what_to_do(tok):
+    model = system(tok)
+    questions = make_samples("vqa", 6)  # the assistant answers in words: nothing to keep aligned
+    with pytest.raises(ValueError, match="alignment_weight=0"):
+        m3ft.train_stage2(model, tok, TrainConfig(max_steps=1), batch_size=2, samples=questions, progress=False)
+    result = m3ft.train_stage2(model, tok, TrainConfig(max_steps=1, warmup_steps=1, log_every=1), batch_size=2,
+                               samples=questions, alignment_weight=0.0, progress=False)
+    assert result.steps == 1 and "alignment" not in result.history[-1]
 
 
 def test_the_joint_ablation_trains_both_groups_on_both_losses(tok):
