@@ -69,9 +69,11 @@ def test_stage2_needs_stage1_and_trains_on_it(tmp_path):
         run_stage("stage2", tmp_path, steps=1, progress=False)
     fused, _ = load_fused(tmp_path / "fusion")
     model = build_m2chat(fused, TinyDiffusionPipeline.from_pretrained(tmp_path / "diffusion"), get_config("tiny"))
-    save_system(model, tmp_path / "stage1")  # an untrained adapter is enough: stage 2 never reads it
+    save_system(model, tmp_path / "stage1")  # an untrained adapter is enough for two steps (stage 2 keeps it frozen)
     record = run_stage("stage2", tmp_path, steps=2, progress=False)
     assert record["steps"] == 2 and {"vqa", "story", "dialogue", "fusion_gate"} <= set(record["metrics"])
+    assert record["recipe"]["alignment_weight"] == 1  # stage 1's loss rides along: the pictures are scored too
+    assert record["metrics"]["LM -> adapter -> generator"]["test"]["all"]["n"] == 300
     assert 0 <= record["metrics"]["story"]["img_recall"] <= 1
     assert not (tmp_path / "stage2" / "adapter").exists()  # it shares stage 1's
     loaded, _, _ = load_system(tmp_path / "stage2")
