@@ -416,12 +416,10 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
                                        train_config.seed, pool_size)
     last_parts: dict[str, float] = {}
 
-    def make_batch(step: int):
-        return instruction_batch(step) if alignment is None else (instruction_batch(step), alignment(step))
+    def make_batch(step: int) -> tuple[dict, dict | None]:
+        return instruction_batch(step), alignment(step) if alignment is not None else None
 
-    def loss_fn(batch) -> torch.Tensor:
-        if alignment is None:
-            return stage2_loss(model, batch)
+    def loss_fn(batch: tuple[dict, dict | None]) -> torch.Tensor:
         loss, parts = stage2_objective(model, *batch, alignment_weight, lambda_seq, lambda_pooled)
         last_parts.update(parts)
         return loss
