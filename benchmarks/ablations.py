@@ -82,7 +82,8 @@ def main() -> None:
         rows[name] = {"variant": name, **info, **score(pipe, stories, dialogues, captions, questions, args.seed)}
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[name].items()}, flush=True)
     order = list(GATE_VARIANTS) if args.kind == "gate" else list(M3FT_VARIANTS)
-    rows = [{**kept, **rows}[name] for name in order if name in {**kept, **rows}]
+    merged = {**kept, **rows}
+    rows = [merged[name] for name in order if name in merged]
     atomic_write_json(out, {"meta": meta, "rows": rows})
     print(f"wrote {out}")
 
