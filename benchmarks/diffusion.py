@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
         print(f"trained {result.steps} steps in {result.seconds:.1f} s ({result.steps / result.seconds:.2f} steps/s, "
               f"batch {recipe.batch_size}); wall time with saving {wall:.1f} s; final loss {result.final_loss:.4f}")
         metrics.update({"command": " ".join(sys.argv), "recipe": asdict(recipe),
-                        "train": {**{k: v for k, v in vars(args).items() if k != "out"}, "out": str(args.out)},
+                        "train": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                         "steps": result.steps, "train_seconds": result.seconds, "wall_seconds": wall,
                         "steps_per_second": result.steps / result.seconds, "final_loss": result.final_loss,
                         "history": result.history})

@@ -131,7 +131,7 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
         lm, tokenizer = load_lm(out_dir / "lm", device=device)
         clip, _ = load_clip(out_dir / "clip", device=device)
         model = build_fused_lm(lm, clip, tokenizer, tokens_per_image=r["tokens_per_image"], lora_rank=r["lora_rank"],
-                               seed=seed)
+                               seed=seed, pool_last=r.get("pool_last", False))
         result = train_fusion(model, tokenizer, train_config, batch_size=r["batch_size"], out_dir=state_dir,
                               device=device, progress=progress)
         seconds = time.perf_counter() - start

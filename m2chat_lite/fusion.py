@@ -63,10 +63,14 @@ FEATURE_LAYERS = (0, -1)
 class VisualProjector(nn.Module):
     """Vision features ``[B, 1 + P, d_vision]`` (class token first, then a square grid of ``P`` patches)
     to ``V`` visual tokens ``[B, V, d_lm]``: pool the patch grid to ``g × g`` (or take the class token
-    when ``V = 1``), then a two-layer MLP (LLaVA-1.5's projector)."""
+    when ``V = 1``), then a two-layer MLP (LLaVA-1.5's projector).
 
-    def __init__(self, vision_dim: int, lm_dim: int, tokens_per_image: int = 9):
+    With ``pool_last`` the MLP runs on every patch first and its outputs are pooled: the average of
+    non-linear patch features keeps what an average of the raw features blurs (an object's shape)."""
+
+    def __init__(self, vision_dim: int, lm_dim: int, tokens_per_image: int = 9, pool_last: bool = False):
         super().__init__()
+        self.pool_last = pool_last
         grid = math.isqrt(tokens_per_image)
         if tokens_per_image < 1 or (tokens_per_image > 1 and grid * grid != tokens_per_image):
             raise ValueError(f"tokens_per_image must be 1 (the class token) or a square number (a pooled grid), "
@@ -91,6 +95,8 @@ class VisualProjector(nn.Module):
         return F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.pool_last:
+            return self.pool(self.mlp(features)) + self.slot_embeddings
         return self.mlp(self.pool(features)) + self.slot_embeddings
 
 
@@ -234,7 +240,8 @@ def gate_closed(model: FusedLM):
 
 
 def build_fused_lm(lm, clip, tokenizer, tokens_per_image: int = 9, lora_rank: int | None = 16,
-                   seed: int = 0, feature_layers: Sequence[int] = FEATURE_LAYERS) -> FusedLM:
+                   seed: int = 0, feature_layers: Sequence[int] = FEATURE_LAYERS,
+                   pool_last: bool = False) -> FusedLM:
     """Wrap ``lm`` and ``clip``'s vision tower (or a vision model itself, such as ``hf.VisionTower``) into a
     :class:`FusedLM` with a fresh projector; with ``lora_rank``, LoRA adapters (``peft``, every linear layer)
     are added to the LM and its own weights frozen. The projector's initial weights come from ``seed``."""
@@ -248,7 +255,7 @@ def build_fused_lm(lm, clip, tokenizer, tokens_per_image: int = 9, lora_rank: in
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         projector = VisualProjector(vision.config.hidden_size * len(feature_layers), lm.config.hidden_size,
-                                    tokens_per_image)
+                                    tokens_per_image, pool_last=pool_last)
     return FusedLM(lm, vision, projector, tokenizer, feature_layers).to(lm.device)
 
 
@@ -430,7 +437,7 @@ def save_fused(model: FusedLM, folder, lm_dir: str = "../lm", clip_dir: str = ".
     lora = hasattr(model.lm, "peft_config")
     config = {"tokens_per_image": model.tokens_per_image, "feature_layers": list(model.feature_layers),
               "vision_dim": model.projector.mlp[1].in_features,
-              "lm_dim": model.projector.mlp[1].out_features, "lm_dir": lm_dir, "clip_dir": clip_dir, "lora": lora}
+              "lm_dim": model.projector.mlp[1].out_features, "pool_last": model.projector.pool_last, "lm_dir": lm_dir, "clip_dir": clip_dir, "lora": lora}
     weights = {name: tensor.detach().float().contiguous().cpu() for name, tensor in model.state_dict().items()
                if name.split(".")[0] in ("projector", "gate", "gen_embeddings")}
 
@@ -478,7 +485,8 @@ def load_fused(folder, device: str = "cpu", lm=None, vision=None) -> tuple[Fused
 
             with _quiet_peft():
                 lm = PeftModel.from_pretrained(lm, folder / LORA_DIR)
-        projector = VisualProjector(config["vision_dim"], config["lm_dim"], config["tokens_per_image"])
+        projector = VisualProjector(config["vision_dim"], config["lm_dim"], config["tokens_per_image"],
+                                    pool_last=config.get("pool_last", False))
         model = FusedLM(lm, vision, projector, tokenizer, config["feature_layers"])
         state = load_file(folder / FUSION_WEIGHTS)
         model.load_state_dict(state, strict=False)

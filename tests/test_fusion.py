@@ -52,6 +52,17 @@ def test_projector_pools_the_grid_or_takes_the_class_token():
         fusion.VisualProjector(32, 48, 4)(torch.randn(1, 1 + 10, 32))
 
 
+def test_pool_last_projects_every_patch_then_averages_the_cells():
+    features = torch.randn(2, 1 + 64, 32)
+    first, last = fusion.VisualProjector(32, 48, 4), fusion.VisualProjector(32, 48, 4, pool_last=True)
+    last.load_state_dict(first.state_dict())  # the same weights, only the order differs
+    patches = last.mlp(features[:, 1:]).reshape(2, 8, 8, 48)
+    assert torch.allclose(last(features)[:, 0], patches[:, :4, :4].mean((1, 2)) + last.slot_embeddings[0], atol=1e-5)
+    assert not torch.allclose(last(features), first(features), atol=1e-3)  # the MLP is not linear
+    cls = fusion.VisualProjector(32, 48, 1, pool_last=True)
+    assert torch.allclose(cls(features), cls.mlp(features[:, :1]) + cls.slot_embeddings, atol=1e-6)
+
+
 def test_expand_image_tokens_repeats_each_placeholder_without_labels():
     ids, labels = fusion.expand_image_tokens([5, 7, 9, 7, 3], [5, -100, 9, -100, 3], image_id=7, tokens_per_image=3)
     assert ids == [5, 7, 7, 7, 9, 7, 7, 7, 3]
@@ -159,13 +170,14 @@ def test_greedy_replies_answer_in_words_and_match_one_at_a_time(tok, clip):
     assert 0.0 <= scores["accuracy"] <= 1.0 and scores["n"] == 5 and len(scores["replies"]) == 5
 
 
-def test_save_and_load_round_trip_shares_the_lm_and_clip_folders(tok, clip, tmp_path):
+@pytest.mark.parametrize("pool_last", [False, True])
+def test_save_and_load_round_trip_shares_the_lm_and_clip_folders(tok, clip, tmp_path, pool_last):
     from m2chat_lite.encoders import save_clip
 
     backbone.save_lm(fresh_lm(tok), tok, tmp_path / "lm")
     save_clip(clip, tok, tmp_path / "clip")
     lm, _ = backbone.load_lm(tmp_path / "lm")
-    model = fusion.build_fused_lm(lm, clip, tok, tokens_per_image=4, lora_rank=4)
+    model = fusion.build_fused_lm(lm, clip, tok, tokens_per_image=4, lora_rank=4, pool_last=pool_last)
     fusion.train_fusion(model, tok, TrainConfig(max_steps=3, lr=1e-2, warmup_steps=1, log_every=1), batch_size=4,
                         progress=False)
     fusion.save_fused(model, tmp_path / "fusion")
@@ -178,6 +190,7 @@ def test_save_and_load_round_trip_shares_the_lm_and_clip_folders(tok, clip, tmp_
         a = model.eval()(torch.tensor([item["input_ids"]]), item["pixel_values"]).logits
         b = again(torch.tensor([item["input_ids"]]), item["pixel_values"]).logits
     assert torch.allclose(a, b, atol=1e-5) and again.gate_value() == model.gate_value() != 0
+    assert again.projector.pool_last is pool_last
     (tmp_path / "fusion" / "fusion.safetensors").write_bytes(b"damaged")
     with pytest.raises(ValueError, match="cannot load the fused model"):
         fusion.load_fused(tmp_path / "fusion")
