@@ -37,12 +37,12 @@ REFERENCE_DIR = DATA_DIR / "checkpoints" / "tiny"
 
 # The reference budgets (optimizer steps) and settings; `steps` on the command line scales nothing else.
 RECIPE = {
-    "clip": {"steps": 1200, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.05,
-             "moved_fraction": 0.25, "reshaped_fraction": 0.0},
+    "clip": {"steps": 2000, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.05,
+             "moved_fraction": 0.25, "reshaped_fraction": 0.25},
     "lm": {"steps": 800, "lr": 4e-3, "warmup_steps": 50, "weight_decay": 0.01, "rows": 8, "n_per_task": 5000},
     "diffusion": {"steps": 1400, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.0, "ema_decay": 0.995},
     "fusion": {"steps": 3000, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
-               "tokens_per_image": 9, "lora_rank": 16},
+               "tokens_per_image": 9, "lora_rank": 16, "pool_last": True},
     "stage1": {"steps": 3000, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
                "pool_size": 6000, "gate_mode": "adaptive", "lambda_seq": 1.0, "lambda_pooled": 1.0},
     "stage2": {"steps": 800, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
