@@ -35,6 +35,7 @@ from torch import nn
 
 from m2chat_lite.data import image_to_tensor
 from m2chat_lite.encoders import encode_text, load_clip
+from m2chat_lite.fusion import pool_patches
 from m2chat_lite.utils import atomic_write_json
 from m2chat_lite.world.scene import COLORS, GRID, SHAPES, SIZES, Obj, Scene, render
 
@@ -62,14 +63,6 @@ def random_scenes(n: int, seed: int) -> list[Scene]:
     cells = [(r, c) for r in range(GRID) for c in range(GRID)]
     return [Scene(tuple(sorted(Obj(r, c, rng.choice(SHAPES), rng.choice(tuple(COLORS)), rng.choice(SIZES))
                                for r, c in rng.sample(cells, rng.randint(1, 3))))) for _ in range(n)]
-
-
-def cell_features(features: torch.Tensor) -> torch.Tensor:
-    """``[N, 1 + P, d]`` vision hidden states -> ``[N, 9, d]``: the patch grid averaged to the 3×3 cells."""
-    patches = features[:, 1:]
-    side = int(patches.shape[1] ** 0.5)
-    grid = patches.transpose(1, 2).reshape(len(features), -1, side, side)
-    return F.adaptive_avg_pool2d(grid, GRID).flatten(2).transpose(1, 2)
 
 
 def object_rows(scenes: list[Scene], cells: torch.Tensor, attribute: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +127,7 @@ def main(argv=None) -> dict:
         @torch.no_grad()
         def encode(scenes, layer=layer):
             out = clip.vision_model(pixel_values=pictures(scenes, size), output_hidden_states=True)
-            return cell_features(out.hidden_states[layer])
+            return pool_patches(out.hidden_states[layer], GRID)
         results[f"vision layer {layer}"] = probe_table(train_scenes, test_scenes, encode, args.steps)
     if args.fusion is not None:
         from m2chat_lite.fusion import load_fused

@@ -33,15 +33,6 @@ def clip_dir(tmp_path_factory):
     return folder
 
 
-def test_cells_are_the_patch_grid_averaged_to_three_by_three():
-    features = torch.zeros(1, 1 + 81, 2)
-    features[0, 1:, 0] = torch.arange(81, dtype=torch.float)  # a 9x9 patch grid numbered row by row
-    cells = clip_probe.cell_features(features)
-    assert cells.shape == (1, 9, 2)
-    assert cells[0, 0, 0] == torch.tensor([0, 1, 2, 9, 10, 11, 18, 19, 20], dtype=torch.float).mean()
-    assert cells[0, 8, 0] == torch.tensor([60, 61, 62, 69, 70, 71, 78, 79, 80], dtype=torch.float).mean()
-
-
 def test_each_object_is_read_from_its_own_cell():
     scenes = [Scene((Obj(0, 2, "square", "blue", "small"), Obj(2, 1, "circle", "red", "large")))]
     cells = torch.eye(9).unsqueeze(0)  # cell i's feature is the i-th unit vector
