@@ -122,7 +122,8 @@ def main(argv=None) -> dict:
     size = clip.config.vision_config.image_size
     train_scenes, test_scenes = random_scenes(args.train, seed=0), random_scenes(args.test, seed=1)
 
-    results: dict = {"clip": str(args.clip), "text cosine to '" + BASE_CAPTION + "'": text_similarities(clip, tokenizer)}
+    text_key = f"text cosine to '{BASE_CAPTION}'"
+    results: dict = {"clip": str(args.clip), text_key: text_similarities(clip, tokenizer)}
     for layer in (0, -1):
         @torch.no_grad()
         def encode(scenes, layer=layer):
@@ -140,7 +141,7 @@ def main(argv=None) -> dict:
         results["fusion visual tokens"] = probe_table(train_scenes, test_scenes, visual_tokens, args.steps)
 
     print(f"text: cosine of the pooled embedding of '{BASE_CAPTION}' with one attribute changed")
-    for name, value in results[f"text cosine to '{BASE_CAPTION}'"].items():
+    for name, value in results[text_key].items():
         print(f"  {name:<20} {value:6.3f}")
     print(f"\nprobes: an object's attribute read from the feature of its cell ({args.test} test scenes)")
     print(f"  {'features':<22}" + "".join(f"{a + ' ' + k:>14}" for a in ATTRIBUTES for k in ("linear", "mlp")))

@@ -443,7 +443,8 @@ def save_fused(model: FusedLM, folder, lm_dir: str = "../lm", clip_dir: str = ".
     lora = hasattr(model.lm, "peft_config")
     config = {"tokens_per_image": model.tokens_per_image, "feature_layers": list(model.feature_layers),
               "vision_dim": model.projector.mlp[1].in_features,
-              "lm_dim": model.projector.mlp[1].out_features, "pool_last": model.projector.pool_last, "lm_dir": lm_dir, "clip_dir": clip_dir, "lora": lora}
+              "lm_dim": model.projector.mlp[1].out_features, "pool_last": model.projector.pool_last,
+              "lm_dir": lm_dir, "clip_dir": clip_dir, "lora": lora}
     weights = {name: tensor.detach().float().contiguous().cpu() for name, tensor in model.state_dict().items()
                if name.split(".")[0] in ("projector", "gate", "gen_embeddings")}
 
