@@ -37,7 +37,7 @@ from m2chat_lite.data import image_to_tensor
 from m2chat_lite.encoders import encode_text, load_clip
 from m2chat_lite.fusion import pool_patches
 from m2chat_lite.utils import atomic_write_json
-from m2chat_lite.world.scene import COLORS, GRID, SHAPES, SIZES, Obj, Scene, render
+from m2chat_lite.world.scene import COLORS, GRID, SHAPES, SIZES, Scene, random_scene, render
 
 ATTRIBUTES = {"shape": SHAPES, "color": tuple(COLORS), "size": SIZES}
 BASE_CAPTION = "a large red circle at the top left"
@@ -60,9 +60,7 @@ def text_similarities(clip, tokenizer) -> dict[str, float]:
 def random_scenes(n: int, seed: int) -> list[Scene]:
     """``n`` scenes of 1–3 objects with every attribute drawn uniformly (held-out pairs included)."""
     rng = random.Random(seed)
-    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
-    return [Scene(tuple(sorted(Obj(r, c, rng.choice(SHAPES), rng.choice(tuple(COLORS)), rng.choice(SIZES))
-                               for r, c in rng.sample(cells, rng.randint(1, 3))))) for _ in range(n)]
+    return [random_scene(rng, split="any") for _ in range(n)]
 
 
 def object_rows(scenes: list[Scene], cells: torch.Tensor, attribute: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,9 +88,8 @@ def probe_accuracy(train: tuple, test: tuple, classes: int, hidden: int | None, 
         return float((probe((x_test - mean) / std).argmax(-1) == y_test).float().mean())
 
 
-def probe_table(train_scenes, test_scenes, encode, steps: int = 400) -> dict[str, dict[str, float]]:
-    """``{attribute: {"linear": acc, "mlp": acc}}`` for cell features given by ``encode(scenes) -> [N, 9, d]``."""
-    train_cells, test_cells = encode(train_scenes), encode(test_scenes)
+def probe_table(train_scenes, train_cells, test_scenes, test_cells, steps: int = 400) -> dict[str, dict[str, float]]:
+    """``{attribute: {"linear": acc, "mlp": acc}}`` for the scenes' cell features ``[N, 9, d]``."""
     table = {}
     for attribute, values in ATTRIBUTES.items():
         train = object_rows(train_scenes, train_cells, attribute)
@@ -124,12 +121,13 @@ def main(argv=None) -> dict:
 
     text_key = f"text cosine to '{BASE_CAPTION}'"
     results: dict = {"clip": str(args.clip), text_key: text_similarities(clip, tokenizer)}
+    @torch.no_grad()
+    def hidden_states(scenes):  # the vision encoder once per scene set, every layer kept
+        return clip.vision_model(pixel_values=pictures(scenes, size), output_hidden_states=True).hidden_states
+    train_states, test_states = hidden_states(train_scenes), hidden_states(test_scenes)
     for layer in (0, -1):
-        @torch.no_grad()
-        def encode(scenes, layer=layer):
-            out = clip.vision_model(pixel_values=pictures(scenes, size), output_hidden_states=True)
-            return pool_patches(out.hidden_states[layer], GRID)
-        results[f"vision layer {layer}"] = probe_table(train_scenes, test_scenes, encode, args.steps)
+        results[f"vision layer {layer}"] = probe_table(train_scenes, pool_patches(train_states[layer], GRID),
+                                                       test_scenes, pool_patches(test_states[layer], GRID), args.steps)
     if args.fusion is not None:
         from m2chat_lite.fusion import load_fused
 
@@ -138,7 +136,8 @@ def main(argv=None) -> dict:
         @torch.no_grad()
         def visual_tokens(scenes):
             return fused.visual_tokens(pictures(scenes, size)) * torch.tanh(fused.gate)
-        results["fusion visual tokens"] = probe_table(train_scenes, test_scenes, visual_tokens, args.steps)
+        results["fusion visual tokens"] = probe_table(train_scenes, visual_tokens(train_scenes), test_scenes,
+                                                      visual_tokens(test_scenes), args.steps)
 
     print(f"text: cosine of the pooled embedding of '{BASE_CAPTION}' with one attribute changed")
     for name, value in results[text_key].items():
