@@ -60,6 +60,18 @@ FEATURE_LAYERS = (0, -1)
 # ---------------------------------------------------------------------------------------------
 
 
+def pool_patches(features: torch.Tensor, grid: int) -> torch.Tensor:
+    """Vision features ``[B, 1 + P, d]`` (class token first, then a square grid of ``P`` patches) -> the
+    patch grid average-pooled to ``grid × grid`` cells, row by row: ``[B, grid², d]``."""
+    patches = features[:, 1:]
+    side = math.isqrt(patches.shape[1])
+    if side * side != patches.shape[1]:
+        raise ValueError(f"expected a square grid of patch features after the class token, got "
+                         f"{patches.shape[1]} patches")
+    cells = patches.transpose(1, 2).reshape(len(features), -1, side, side)  # [B, d, side, side]
+    return F.adaptive_avg_pool2d(cells, grid).flatten(2).transpose(1, 2)
+
+
 class VisualProjector(nn.Module):
     """Vision features ``[B, 1 + P, d_vision]`` (class token first, then a square grid of ``P`` patches)
     to ``V`` visual tokens ``[B, V, d_lm]``: pool the patch grid to ``g × g`` (or take the class token
@@ -86,13 +98,7 @@ class VisualProjector(nn.Module):
         """``[B, 1 + P, d]`` -> ``[B, V, d]``: the class token, or the patch grid averaged to ``g × g`` cells."""
         if self.tokens_per_image == 1:
             return features[:, :1]
-        patches = features[:, 1:]
-        side = math.isqrt(patches.shape[1])
-        if side * side != patches.shape[1]:
-            raise ValueError(f"expected a square grid of patch features after the class token, got "
-                             f"{patches.shape[1]} patches")
-        grid = patches.transpose(1, 2).reshape(len(features), -1, side, side)  # [B, d, side, side]
-        return F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)
+        return pool_patches(features, self.grid)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.pool_last:
@@ -437,7 +443,8 @@ def save_fused(model: FusedLM, folder, lm_dir: str = "../lm", clip_dir: str = ".
     lora = hasattr(model.lm, "peft_config")
     config = {"tokens_per_image": model.tokens_per_image, "feature_layers": list(model.feature_layers),
               "vision_dim": model.projector.mlp[1].in_features,
-              "lm_dim": model.projector.mlp[1].out_features, "pool_last": model.projector.pool_last, "lm_dir": lm_dir, "clip_dir": clip_dir, "lora": lora}
+              "lm_dim": model.projector.mlp[1].out_features, "pool_last": model.projector.pool_last,
+              "lm_dir": lm_dir, "clip_dir": clip_dir, "lora": lora}
     weights = {name: tensor.detach().float().contiguous().cpu() for name, tensor in model.state_dict().items()
                if name.split(".")[0] in ("projector", "gate", "gen_embeddings")}
 

@@ -46,6 +46,9 @@ def test_projector_pools_the_grid_or_takes_the_class_token():
     grid = fusion.VisualProjector(32, 48, 4).pool(features)  # 8x8 patches -> 2x2 cells of 4x4 patches
     top_left = features[:, 1:].reshape(2, 8, 8, 32)[:, :4, :4].mean((1, 2))
     assert torch.allclose(grid[:, 0], top_left, atol=1e-6)
+    numbered = torch.arange(81.0).reshape(1, 81, 1)  # a 9x9 patch grid numbered row by row -> 3x3 cells
+    cells = fusion.pool_patches(torch.cat([torch.zeros(1, 1, 1), numbered], 1), 3)
+    assert cells[0, :, 0].tolist() == [10.0, 13.0, 16.0, 37.0, 40.0, 43.0, 64.0, 67.0, 70.0]
     with pytest.raises(ValueError, match="square"):
         fusion.VisualProjector(32, 48, 5)
     with pytest.raises(ValueError, match="square grid"):

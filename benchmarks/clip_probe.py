@@ -1,0 +1,156 @@
+"""Benchmark: what a tiny CLIP can tell apart, in its text embeddings and in its vision features.
+
+    python benchmarks/clip_probe.py --clip data/checkpoints/tiny/clip
+    python benchmarks/clip_probe.py --clip data/checkpoints/tiny/clip --fusion data/checkpoints/tiny/fusion --json OUT
+
+Everything downstream inherits what the CLIP keeps: the generator (notebook 04) draws from its text
+encoder's states, the fused LM (notebook 05) reads its vision features. Two measurements:
+
+1. **Text.** The cosine similarity of the pooled text embedding of a caption with the same caption with one
+   attribute changed (another cell, colour, size or shape). Near 1 means the encoder can barely say which:
+   the first tiny CLIP put "top left" and "top right" at 0.996, and its generator could not place objects.
+2. **Vision.** Probes trained to read an object's shape, colour and size from the feature of its cell (the
+   8×8 patch grid averaged to the 3×3 grid of ShapeWorld, as the fusion projector pools it) at the patch
+   embeddings (layer 0) and the last layer, on freshly drawn scenes of 1–3 objects: a linear probe (is it
+   plainly there?) and a one-hidden-layer MLP (is it there at all?). One probe serves all nine cells, as one
+   projector does; a probe per cell reads more (``M2CHAT_RECIPE.md``: 99% of shapes linearly at layer 0),
+   because each cell then has its own readout. With ``--fusion``, the same probes on the visual tokens the
+   trained projector hands the LM.
+
+Probes are trained full-batch with Adam on ``--train`` scenes and scored on ``--test`` others; chance is 33%
+for shape, 17% for colour, 50% for size. About 30 s on one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from m2chat_lite.data import image_to_tensor
+from m2chat_lite.encoders import encode_text, load_clip
+from m2chat_lite.fusion import pool_patches
+from m2chat_lite.utils import atomic_write_json
+from m2chat_lite.world.scene import COLORS, GRID, SHAPES, SIZES, Scene, random_scene, render
+
+ATTRIBUTES = {"shape": SHAPES, "color": tuple(COLORS), "size": SIZES}
+BASE_CAPTION = "a large red circle at the top left"
+CHANGED = {"cell (top right)": "a large red circle at the top right",
+           "cell (bottom right)": "a large red circle at the bottom right",
+           "colour (blue)": "a large blue circle at the top left",
+           "size (small)": "a small red circle at the top left",
+           "shape (square)": "a large red square at the top left",
+           "shape (triangle)": "a large red triangle at the top left"}
+
+
+@torch.no_grad()
+def text_similarities(clip, tokenizer) -> dict[str, float]:
+    """Cosine of BASE_CAPTION's pooled embedding with each one-attribute change of it."""
+    _, pooled = encode_text(clip, tokenizer, [BASE_CAPTION, *CHANGED.values()])
+    pooled = F.normalize(pooled.float(), dim=-1)
+    return {name: round(float(pooled[0] @ pooled[i + 1]), 3) for i, name in enumerate(CHANGED)}
+
+
+def random_scenes(n: int, seed: int) -> list[Scene]:
+    """``n`` scenes of 1–3 objects with every attribute drawn uniformly (held-out pairs included)."""
+    rng = random.Random(seed)
+    return [random_scene(rng, split="any") for _ in range(n)]
+
+
+def object_rows(scenes: list[Scene], cells: torch.Tensor, attribute: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row per object: the feature of its cell and the index of its ``attribute``."""
+    values = ATTRIBUTES[attribute]
+    rows = [(cells[i, o.row * GRID + o.col], values.index(getattr(o, attribute)))
+            for i, scene in enumerate(scenes) for o in scene]
+    return torch.stack([x for x, _ in rows]), torch.tensor([y for _, y in rows])
+
+
+def probe_accuracy(train: tuple, test: tuple, classes: int, hidden: int | None, steps: int = 400,
+                   seed: int = 0) -> float:
+    """Fit a linear (``hidden=None``) or one-hidden-layer probe on standardised ``train`` rows, score ``test``."""
+    (x, y), (x_test, y_test) = train, test
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    torch.manual_seed(seed)
+    probe = nn.Linear(x.shape[1], classes) if hidden is None else \
+        nn.Sequential(nn.Linear(x.shape[1], hidden), nn.GELU(), nn.Linear(hidden, classes))
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(probe((x - mean) / std), y).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return float((probe((x_test - mean) / std).argmax(-1) == y_test).float().mean())
+
+
+def probe_table(train_scenes, train_cells, test_scenes, test_cells, steps: int = 400) -> dict[str, dict[str, float]]:
+    """``{attribute: {"linear": acc, "mlp": acc}}`` for the scenes' cell features ``[N, 9, d]``."""
+    table = {}
+    for attribute, values in ATTRIBUTES.items():
+        train = object_rows(train_scenes, train_cells, attribute)
+        test = object_rows(test_scenes, test_cells, attribute)
+        table[attribute] = {"linear": probe_accuracy(train, test, len(values), None, steps),
+                            "mlp": probe_accuracy(train, test, len(values), 256, steps)}
+    return table
+
+
+def pictures(scenes: list[Scene], size: int) -> torch.Tensor:
+    return torch.stack([image_to_tensor(render(s, size)) for s in scenes])
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clip", type=Path, default=Path("data/checkpoints/tiny/clip"))
+    parser.add_argument("--fusion", type=Path, default=None, help="also probe this fused model's visual tokens")
+    parser.add_argument("--train", type=int, default=3000, help="scenes to fit the probes on")
+    parser.add_argument("--test", type=int, default=600, help="other scenes to score them on")
+    parser.add_argument("--steps", type=int, default=400, help="probe optimizer steps (full batch)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    clip, tokenizer = load_clip(args.clip)
+    clip.eval()
+    size = clip.config.vision_config.image_size
+    train_scenes, test_scenes = random_scenes(args.train, seed=0), random_scenes(args.test, seed=1)
+
+    text_key = f"text cosine to '{BASE_CAPTION}'"
+    results: dict = {"clip": str(args.clip), text_key: text_similarities(clip, tokenizer)}
+    @torch.no_grad()
+    def hidden_states(scenes):  # the vision encoder once per scene set, every layer kept
+        return clip.vision_model(pixel_values=pictures(scenes, size), output_hidden_states=True).hidden_states
+    train_states, test_states = hidden_states(train_scenes), hidden_states(test_scenes)
+    for layer in (0, -1):
+        results[f"vision layer {layer}"] = probe_table(train_scenes, pool_patches(train_states[layer], GRID),
+                                                       test_scenes, pool_patches(test_states[layer], GRID), args.steps)
+    if args.fusion is not None:
+        from m2chat_lite.fusion import load_fused
+
+        fused, _ = load_fused(args.fusion)
+
+        @torch.no_grad()
+        def visual_tokens(scenes):
+            return fused.visual_tokens(pictures(scenes, size)) * torch.tanh(fused.gate)
+        results["fusion visual tokens"] = probe_table(train_scenes, visual_tokens(train_scenes), test_scenes,
+                                                      visual_tokens(test_scenes), args.steps)
+
+    print(f"text: cosine of the pooled embedding of '{BASE_CAPTION}' with one attribute changed")
+    for name, value in results[text_key].items():
+        print(f"  {name:<20} {value:6.3f}")
+    print(f"\nprobes: an object's attribute read from the feature of its cell ({args.test} test scenes)")
+    print(f"  {'features':<22}" + "".join(f"{a + ' ' + k:>14}" for a in ATTRIBUTES for k in ("linear", "mlp")))
+    for name, table in results.items():
+        if isinstance(table, dict) and "shape" in table:
+            print(f"  {name:<22}" + "".join(f"{table[a][k]:>14.1%}" for a in ATTRIBUTES for k in ("linear", "mlp")))
+    if args.json is not None:
+        atomic_write_json(args.json, {**results, "command": " ".join(["python", *sys.argv])})
+    return results
+
+
+if __name__ == "__main__":
+    main()
