@@ -536,6 +536,9 @@ class DiffusionRecipe:
     # fraction of the other captions whose pooled embedding alone is zeroed, so that the cross-attention to the
     # sequence learns to carry the caption too (M³FT's adapter predicts the sequence better than the pooled vector)
     pooled_dropout: float = 0.0
+    # conditioning augmentation: Gaussian noise added to each pooled embedding, this many times its own RMS, so
+    # that the generator tolerates the error of a pooled embedding predicted by the adapter rather than encoded
+    pooled_noise: float = 0.0
     max_objects: int = 3  # objects per training picture: 1..max_objects
     single_object_steps: int = 500  # curriculum: the first steps use one-object pictures only
     cross_attention_levels: int = 2  # UNet: the coarsest levels that attend to the caption
@@ -554,6 +557,8 @@ class DiffusionRecipe:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0.0 <= self.pooled_dropout < 1.0:
             raise ValueError(f"pooled_dropout must be in [0, 1), got {self.pooled_dropout}")
+        if not 0.0 <= self.pooled_noise:
+            raise ValueError(f"pooled_noise must be >= 0, got {self.pooled_noise}")
         if not 1 <= self.max_objects <= 3:
             raise ValueError(f"max_objects must be 1, 2 or 3, got {self.max_objects}")
         if self.prediction_type not in PREDICTION_TYPES:
@@ -595,7 +600,7 @@ class CaptionEmbeddingBatches:
     Renders ``batch_size`` training-split caption pairs from :func:`batch_seed`, encodes the captions with
     the frozen text encoder (caching each caption's embeddings: one-object captions repeat a lot),
     zeroes a ``caption_dropout`` fraction of them (and the pooled embedding alone of a ``pooled_dropout``
-    fraction of the rest), and draws the noise and timesteps from a generator
+    fraction of the rest, and adds ``pooled_noise`` to the pooled embeddings), and draws the noise and timesteps from a generator
     seeded by the step, so a resumed run sees exactly the batches of an uninterrupted one.
     """
 
@@ -631,6 +636,10 @@ class CaptionEmbeddingBatches:
         if r.pooled_dropout:  # its own generator, so that the noise and timesteps stay those of pooled_dropout=0
             g_pooled = torch.Generator().manual_seed(batch_seed(step, r.data_seed) + 1)
             pooled = pooled * (torch.rand(r.batch_size, generator=g_pooled) >= r.pooled_dropout).float()[:, None]
+        if r.pooled_noise:  # likewise its own generator; a zeroed (dropped) embedding stays zero
+            g_noise = torch.Generator().manual_seed(batch_seed(step, r.data_seed) + 2)
+            rms = pooled.pow(2).mean(-1, keepdim=True).sqrt()
+            pooled = pooled + r.pooled_noise * rms * torch.randn(pooled.shape, generator=g_noise)
         noise = torch.randn(images.shape, generator=g)
         u = torch.rand(r.batch_size, generator=g)
         timesteps = ((1 - u ** r.timestep_power) * r.num_train_timesteps).long().clamp(0, r.num_train_timesteps - 1)

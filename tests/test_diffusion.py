@@ -129,6 +129,20 @@ def test_batches_are_a_function_of_the_step_and_never_use_the_benchmark_seed(sma
     assert all(" and " not in caption for caption in curriculum.cache)
 
 
+def test_pooled_dropout_zeroes_the_pooled_embedding_alone_and_keeps_the_rest_of_the_batch(small):
+    config, clip, tokenizer = small
+    plain = D.CaptionEmbeddingBatches(clip, tokenizer, D.DiffusionRecipe(batch_size=64), config.image_size)(2)
+    dropped = D.CaptionEmbeddingBatches(clip, tokenizer, D.DiffusionRecipe(batch_size=64, pooled_dropout=0.5),
+                                        config.image_size)(2)
+    for key in ("images", "prompt_embeds", "noise", "timesteps"):  # the same batch, noise and timesteps
+        assert torch.equal(plain[key], dropped[key])
+    captioned = plain["prompt_embeds"].abs().sum((1, 2)) > 0  # caption dropout left these
+    zeroed = (dropped["pooled"] == 0).all(1) & captioned
+    kept = (dropped["pooled"] == plain["pooled"]).all(1)
+    assert 10 < int(zeroed.sum()) < captioned.sum() - 10  # about half of the captioned rows
+    assert bool((zeroed | kept).all())  # a row's pooled embedding is kept or zeroed, nothing else
+
+
 def test_prompt_and_prompt_embeds_give_identical_pictures(small):
     config, clip, tokenizer = small
     pipe = make_pipeline(small)
@@ -280,6 +294,8 @@ def test_evaluate_generator_reports_each_split_and_object_count(small):
 def test_recipe_validation():
     with pytest.raises(ValueError, match="caption_dropout"):
         D.DiffusionRecipe(caption_dropout=1.0)
+    with pytest.raises(ValueError, match="pooled_dropout"):
+        D.DiffusionRecipe(pooled_dropout=-0.1)
     with pytest.raises(ValueError, match="prediction_type"):
         D.DiffusionRecipe(prediction_type="noise")
     with pytest.raises(ValueError, match="unknown recipe field"):
