@@ -534,10 +534,12 @@ class DiffusionRecipe:
     timestep_power: float = 1.0  # t = ⌊T·(1 − u^p)⌋, u uniform: 1 is uniform, > 1 favours the noisy end
     caption_dropout: float = 0.1  # fraction of captions replaced by the null (zero) embeddings
     # fraction of the other captions whose pooled embedding alone is zeroed, so that the cross-attention to the
-    # sequence learns to carry the caption too (M³FT's adapter predicts the sequence better than the pooled vector)
+    # sequence learns to carry the caption too (M³FT's adapter predicts the sequence better than the pooled vector).
+    # Tried at 0.5 and dropped: the generator did not learn (benchmarks/DIFFUSION_RECIPE.md)
     pooled_dropout: float = 0.0
     # conditioning augmentation: Gaussian noise added to each pooled embedding, this many times its own RMS, so
-    # that the generator tolerates the error of a pooled embedding predicted by the adapter rather than encoded
+    # that the generator tolerates the error of a pooled embedding predicted by the adapter rather than encoded.
+    # Tried at 0.5 and dropped: worse pictures, no more tolerance (benchmarks/DIFFUSION_RECIPE.md)
     pooled_noise: float = 0.0
     max_objects: int = 3  # objects per training picture: 1..max_objects
     single_object_steps: int = 500  # curriculum: the first steps use one-object pictures only

@@ -143,6 +143,20 @@ def test_pooled_dropout_zeroes_the_pooled_embedding_alone_and_keeps_the_rest_of_
     assert bool((zeroed | kept).all())  # a row's pooled embedding is kept or zeroed, nothing else
 
 
+def test_pooled_noise_perturbs_the_pooled_embedding_by_its_own_scale(small):
+    config, clip, tokenizer = small
+    plain = D.CaptionEmbeddingBatches(clip, tokenizer, D.DiffusionRecipe(batch_size=64), config.image_size)(2)
+    noisy = D.CaptionEmbeddingBatches(clip, tokenizer, D.DiffusionRecipe(batch_size=64, pooled_noise=0.5),
+                                      config.image_size)(2)
+    for key in ("images", "prompt_embeds", "noise", "timesteps"):
+        assert torch.equal(plain[key], noisy[key])
+    captioned = plain["pooled"].abs().sum(1) > 0
+    rms = plain["pooled"][captioned].pow(2).mean(1).sqrt()
+    change = (noisy["pooled"] - plain["pooled"])[captioned].pow(2).mean(1).sqrt()
+    assert 0.3 < float((change / rms).mean()) < 0.7  # about half the embedding's own RMS
+    assert torch.equal(noisy["pooled"][~captioned], plain["pooled"][~captioned])  # dropped captions stay null
+
+
 def test_prompt_and_prompt_embeds_give_identical_pictures(small):
     config, clip, tokenizer = small
     pipe = make_pipeline(small)
@@ -296,6 +310,8 @@ def test_recipe_validation():
         D.DiffusionRecipe(caption_dropout=1.0)
     with pytest.raises(ValueError, match="pooled_dropout"):
         D.DiffusionRecipe(pooled_dropout=-0.1)
+    with pytest.raises(ValueError, match="pooled_noise"):
+        D.DiffusionRecipe(pooled_noise=-1.0)
     with pytest.raises(ValueError, match="prediction_type"):
         D.DiffusionRecipe(prediction_type="noise")
     with pytest.raises(ValueError, match="unknown recipe field"):
