@@ -602,8 +602,9 @@ class CaptionEmbeddingBatches:
     Renders ``batch_size`` training-split caption pairs from :func:`batch_seed`, encodes the captions with
     the frozen text encoder (caching each caption's embeddings: one-object captions repeat a lot),
     zeroes a ``caption_dropout`` fraction of them (and the pooled embedding alone of a ``pooled_dropout``
-    fraction of the rest, and adds ``pooled_noise`` to the pooled embeddings), and draws the noise and timesteps from a generator
-    seeded by the step, so a resumed run sees exactly the batches of an uninterrupted one.
+    fraction of the rest, and adds ``pooled_noise`` to the pooled embeddings), and draws the noise and
+    timesteps from a generator seeded by the step, so a resumed run sees exactly the batches of an
+    uninterrupted one.
     """
 
     def __init__(self, text_encoder, tokenizer, recipe: DiffusionRecipe, image_size: int,
