@@ -602,8 +602,9 @@ class CaptionEmbeddingBatches:
     Renders ``batch_size`` training-split caption pairs from :func:`batch_seed`, encodes the captions with
     the frozen text encoder (caching each caption's embeddings: one-object captions repeat a lot),
     zeroes a ``caption_dropout`` fraction of them (and the pooled embedding alone of a ``pooled_dropout``
-    fraction of the rest, and adds ``pooled_noise`` to the pooled embeddings), and draws the noise and timesteps from a generator
-    seeded by the step, so a resumed run sees exactly the batches of an uninterrupted one.
+    fraction of the rest, and adds ``pooled_noise`` to the pooled embeddings), and draws the noise and
+    timesteps from a generator seeded by the step, so a resumed run sees exactly the batches of an
+    uninterrupted one.
     """
 
     def __init__(self, text_encoder, tokenizer, recipe: DiffusionRecipe, image_size: int,
@@ -635,13 +636,13 @@ class CaptionEmbeddingBatches:
         g = torch.Generator().manual_seed(batch_seed(step, r.data_seed))
         keep = (torch.rand(r.batch_size, generator=g) >= r.caption_dropout).float()
         seq, pooled = seq * keep[:, None, None], pooled * keep[:, None]
-        if r.pooled_dropout:  # its own generator, so that the noise and timesteps stay those of pooled_dropout=0
-            g_pooled = torch.Generator().manual_seed(batch_seed(step, r.data_seed) + 1)
+        # the pooled embedding's own generator, so that the noise and timesteps below stay those of the plain recipe
+        g_pooled = torch.Generator().manual_seed(batch_seed(step, r.data_seed) + 1)
+        if r.pooled_dropout:
             pooled = pooled * (torch.rand(r.batch_size, generator=g_pooled) >= r.pooled_dropout).float()[:, None]
-        if r.pooled_noise:  # likewise its own generator; a zeroed (dropped) embedding stays zero
-            g_noise = torch.Generator().manual_seed(batch_seed(step, r.data_seed) + 2)
+        if r.pooled_noise:  # a zeroed (dropped) embedding stays zero
             rms = pooled.pow(2).mean(-1, keepdim=True).sqrt()
-            pooled = pooled + r.pooled_noise * rms * torch.randn(pooled.shape, generator=g_noise)
+            pooled = pooled + r.pooled_noise * rms * torch.randn(pooled.shape, generator=g_pooled)
         noise = torch.randn(images.shape, generator=g)
         u = torch.rand(r.batch_size, generator=g)
         timesteps = ((1 - u ** r.timestep_power) * r.num_train_timesteps).long().clamp(0, r.num_train_timesteps - 1)
