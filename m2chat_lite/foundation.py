@@ -43,7 +43,7 @@ RECIPE = {
     "diffusion": {"steps": 1400, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.0, "ema_decay": 0.995},
     "fusion": {"steps": 3000, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
                "tokens_per_image": 9, "lora_rank": 16, "pool_last": True},
-    "stage1": {"steps": 3000, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
+    "stage1": {"steps": 1500, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
                "pool_size": 6000, "gate_mode": "adaptive", "lambda_seq": 1.0, "lambda_pooled": 1.0},
     "stage2": {"steps": 800, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
                "pool_size": 6000, "alignment_weight": 1.0, "alignment_batch_size": 16},

@@ -206,10 +206,15 @@ class FusedLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                      layers: Sequence[int] = (-1,)) -> torch.Tensor:
+                      layers: Sequence[int] = (-1,), normalize: bool = False) -> torch.Tensor:
         """The LM's hidden states at ``layers``, concatenated along channels: ``[B, L, d · len(layers)]``.
         Layer 0 is the input embeddings (words and visual tokens as the LM receives them), -1 the last
         layer after the LM's final norm, ``i`` the output of decoder layer ``i``.
+
+        ``normalize`` layer-norms each layer's states (no learnt scale) before they are put side by side.
+        The layers live at very different scales (the tiny LM's input embeddings are about 12 times smaller
+        than its last layer), and a reader given them raw all but ignores the small one
+        (``benchmarks/M2CHAT_RECIPE.md``).
 
         One function for training and for generation, so both condition on the same states (the official
         code trained on normed states and generated from un-normed ones)."""
@@ -220,6 +225,8 @@ class FusedLM(nn.Module):
                               use_cache=False, output_hidden_states=middle)
         picked = [embeds if layer == 0 else out.last_hidden_state if layer == -1 else out.hidden_states[layer]
                   for layer in layers]
+        if normalize:
+            picked = [F.layer_norm(states.float(), states.shape[-1:]) for states in picked]
         return torch.cat(picked, -1).float()
 
 

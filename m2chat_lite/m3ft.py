@@ -68,7 +68,9 @@ VISUAL_LAYER = 0  # the vision encoder layer the adapter's visual branch reads: 
 # The LM layers the semantic branch reads, side by side: the input embeddings (which words and pictures, as
 # such) and the last layer (what the LM makes of them in context). The last layer alone is tuned to predict
 # the *next* token and hides the current one: with it alone the adapter matched the teacher's sequence to an
-# MSE of 0.42 after 300 steps, with the input embeddings 0.28 (benchmarks/M2CHAT_RECIPE.md).
+# MSE of 0.42 after 300 steps, with the input embeddings 0.28 (benchmarks/M2CHAT_RECIPE.md). Each layer is
+# layer-normed first (M2ChatModel.normalize_layers): raw, the input embeddings are about 12 times smaller
+# than the last layer, and the adapter learnt to read the words far more slowly.
 LM_LAYERS = (0, -1)
 
 
@@ -79,7 +81,8 @@ class M2ChatModel(nn.Module):
 
     def __init__(self, fused: FusedLM, adapter: M3Adapter, unet, scheduler, teacher, teacher_tokenizer,
                  context_tokens: int = CONTEXT_TOKENS, visual_layer: int = VISUAL_LAYER,
-                 lm_layers: Sequence[int] = LM_LAYERS, vae=None, image_size: int = 32):
+                 lm_layers: Sequence[int] = LM_LAYERS, vae=None, image_size: int = 32,
+                 normalize_layers: bool = True):
         super().__init__()
         self.fused, self.adapter, self.unet, self.teacher = fused, adapter, unet, teacher
         self.scheduler, self.teacher_tokenizer = scheduler, teacher_tokenizer
@@ -89,6 +92,9 @@ class M2ChatModel(nn.Module):
         self.record: dict = {}  # how the system was trained, when loaded by load_system
         self.hf_config = None  # an hf-small system: the config naming its checkpoints (hf.build_system)
         self.context_tokens, self.visual_layer, self.lm_layers = context_tokens, visual_layer, tuple(lm_layers)
+        # each LM layer layer-normed before the adapter reads them side by side (FusedLM.hidden_states);
+        # systems saved before this option existed read them raw, and load that way
+        self.normalize_layers = normalize_layers
         self.unet.requires_grad_(False)
         self.teacher.requires_grad_(False)
         if vae is not None:
@@ -120,7 +126,8 @@ class M2ChatModel(nn.Module):
         device = self.device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         hidden = self.fused.hidden_states(ids, batch["pixel_values"].to(device), attention_mask=mask,
-                                          position_ids=batch["position_ids"].to(device), layers=self.lm_layers)
+                                          position_ids=batch["position_ids"].to(device), layers=self.lm_layers,
+                                          normalize=self.normalize_layers)
         spans = condition_span(ids, self.fused.gen_token_ids, self.context_tokens, mask)
         last = {row: (row, start, end) for row, start, end in spans}  # later spans overwrite earlier ones
         if sorted(last) != list(range(len(ids))):
@@ -593,7 +600,8 @@ def save_system(model: M2ChatModel, folder, record: dict | None = None, lm_dir: 
             model.adapter.save_pretrained(tmp / "adapter", dtype=adapter_dtype)
         meta = {"diffusion_dir": diffusion_dir, "adapter_dir": adapter_dir or "adapter",
                 "context_tokens": model.context_tokens, "visual_layer": model.visual_layer,
-                "lm_layers": list(model.lm_layers), "record": record or {}}
+                "lm_layers": list(model.lm_layers), "normalize_layers": model.normalize_layers,
+                "record": record or {}}
         (tmp / SYSTEM_FILE).write_text(json.dumps(meta, indent=2))
         if extra is not None:
             extra(tmp)
@@ -633,6 +641,7 @@ def assemble_system(folder: Path, meta: dict, fused: FusedLM, generator, source:
     adapter = M3Adapter.from_pretrained(folder / meta.get("adapter_dir", "adapter"), device=device)
     model = M2ChatModel(fused, adapter, generator.unet, generator.training_scheduler(), generator.text_encoder,
                         generator.tokenizer, meta["context_tokens"], meta["visual_layer"], meta["lm_layers"],
-                        vae=getattr(generator, "vae", None), image_size=generator.image_size)
+                        vae=getattr(generator, "vae", None), image_size=generator.image_size,
+                        normalize_layers=meta.get("normalize_layers", False))
     model.source, model.record = source, meta.get("record", {})
     return model.to(device).eval()

@@ -222,6 +222,44 @@ def test_the_system_saves_and_loads_beside_its_shared_folders(tok, tmp_path):
         m3ft.load_system(tmp_path / "nowhere")
 
 
+def test_each_lm_layer_is_normalised_before_the_adapter_reads_it(tok):
+    model = system(tok).eval()
+    batch = m3ft.alignment_batch(model, tok, m3ft.alignment_examples(3, seed=2))
+    args = (batch["input_ids"], batch["pixel_values"])
+    kwargs = {"attention_mask": batch["attention_mask"], "position_ids": batch["position_ids"], "layers": (0, -1)}
+    with torch.no_grad():
+        raw = model.fused.hidden_states(*args, **kwargs)
+        normed = model.fused.hidden_states(*args, normalize=True, **kwargs)
+    d = CONFIG.lm_hidden_size
+    assert raw.shape == normed.shape == (*batch["input_ids"].shape, 2 * d)
+    for half in (slice(0, d), slice(d, 2 * d)):  # each layer on its own
+        torch.testing.assert_close(normed[..., half], torch.nn.functional.layer_norm(raw[..., half], (d,)))
+    # raw, the input embeddings are far smaller than the last layer; normalised, the two are on one scale
+    real = batch["attention_mask"].bool()
+    assert raw[real][:, :d].std() < raw[real][:, d:].std() / 2
+    assert 0.8 < normed[real][:, :d].std() / normed[real][:, d:].std() < 1.25
+    assert model.normalize_layers
+    with torch.no_grad():
+        on = model.condition(batch).prompt_embeds
+        model.normalize_layers = False
+        off = model.condition(batch).prompt_embeds
+    assert not torch.allclose(on, off)
+
+
+def test_a_system_saved_before_normalisation_loads_reading_raw_states(tok, tmp_path):
+    import json
+
+    lm, clip, pipeline = saved_parts(tok, tmp_path)
+    model = m3ft.build_m2chat(fusion.build_fused_lm(lm, clip, tok, tokens_per_image=4, lora_rank=4), pipeline, CONFIG)
+    folder = m3ft.save_system(model, tmp_path / "systems" / "old", lm_dir="../../../lm", clip_dir="../../../clip",
+                              diffusion_dir="../../diffusion")
+    meta = json.loads((folder / m3ft.SYSTEM_FILE).read_text())
+    assert meta["normalize_layers"] is True and m3ft.load_system(folder)[0].normalize_layers
+    del meta["normalize_layers"]  # what systems saved before the option wrote
+    (folder / m3ft.SYSTEM_FILE).write_text(json.dumps(meta))
+    assert m3ft.load_system(folder)[0].normalize_layers is False
+
+
 def test_the_stage2_loss_never_reads_the_adapter(tok):
     model = system(tok)
     batch = fusion.sample_batches(tok, m3ft.stage2_samples(6, seed=1), 4, 3)(0)
