@@ -24,8 +24,8 @@ dialogues and visual questions: the words, and when to write the ``[IMG]`` span,
 alignment examples, weighted by ``alignment_weight`` (1 by default), as the official stage 2 keeps its three
 losses. The adapter is frozen, so that term moves only the LoRA: it keeps the hidden states the adapter reads
 where stage 1 left them. Without it (``alignment_weight=0``) the LoRA drifts those states and the pictures
-suffer: 800 steps took the benchmark's fully-right pictures from 17.3% after stage 1 to 8.7%; with it,
-to 18.3% (``benchmarks/M2CHAT_RECIPE.md``).
+suffer: on the chain shipped before 2026-11-27, 800 steps took the benchmark's fully-right pictures from
+17.3% after stage 1 to 8.7%; with it, to 18.3% (``benchmarks/M2CHAT_RECIPE.md``).
 
 ``trainable_groups(stage)`` names each stage's parameters; ``check_disjoint`` proves the two stages share
 none (tested, with a test that frozen weights do not move).
