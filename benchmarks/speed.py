@@ -22,6 +22,7 @@ tiny rows, then the hf-shapes rows, in one table; a failed hf-shapes row says wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import platform
 import resource
@@ -76,18 +77,21 @@ def tiny_rows(device: str, steps: int) -> list[tuple[str, str]]:
                                       lambda b: fusion.fusion_loss(model.fused, b)),
         "M³FT stage 1": ("stage1", RECIPE["stage1"]["batch_size"],
                          lambda n: m3ft.alignment_batch(model, tokenizer, m3ft.alignment_examples(n)),
-                         lambda b: m3ft.stage1_loss(model, b)[0]),
+                         lambda b: m3ft.stage1_loss(model, b, diffusion_rows=RECIPE["stage1"]["diffusion_rows"])[0]),
         "M³FT stage 2": ("stage2", RECIPE["stage2"]["batch_size"],
                          lambda n: (fusion.sample_batches(tokenizer, m3ft.stage2_samples(4 * n),
                                                           model.fused.tokens_per_image, n)(0),
                                     m3ft.alignment_batch(model, tokenizer, m3ft.alignment_examples(
                                         RECIPE["stage2"]["alignment_batch_size"]))),
-                         lambda b: m3ft.stage2_objective(model, *b)[0]),
+                         lambda b: m3ft.stage2_objective(model, *b,
+                                                         diffusion_rows=RECIPE["stage2"]["diffusion_rows"])[0]),
     }
     model.train()
     for name, (stage, batch_size, make, loss_fn) in stage_batches.items():
         params = [p for n, p in model.named_parameters() if n in set(m3ft.set_stage(model, stage))]
-        seconds = timed(step_fn(model, loss_fn, make(batch_size), params), steps, device)
+        # stage 1 trains with the frozen LoRA folded into the LM, as m3ft.train_stage1 does
+        with fusion.lora_merged(model.fused) if name == "M³FT stage 1" else contextlib.nullcontext():
+            seconds = timed(step_fn(model, loss_fn, make(batch_size), params), steps, device)
         rows.append((f"{name}: training step, batch {batch_size}", f"{seconds:.3f} s ({1 / seconds:.2f} steps/s)"))
     model.requires_grad_(False)
     model.eval()

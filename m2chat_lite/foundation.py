@@ -151,7 +151,8 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
         pipeline = TinyDiffusionPipeline.from_pretrained(out_dir / "diffusion", device=device)
         model = build_m2chat(fused, pipeline, config, gate_mode=r["gate_mode"], seed=seed)
         result = train_stage1(model, tokenizer, train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
-                              lambda_seq=r["lambda_seq"], lambda_pooled=r["lambda_pooled"], out_dir=state_dir,
+                              lambda_seq=r["lambda_seq"], lambda_pooled=r["lambda_pooled"],
+                              diffusion_rows=r.get("diffusion_rows"), out_dir=state_dir,
                               device=device, progress=progress)
         seconds = time.perf_counter() - start
         if main:
@@ -174,7 +175,7 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
         model, tokenizer, pipeline = load_system(out_dir / "stage1", device=device)
         result = train_stage2(model, tokenizer, train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
                               alignment_weight=r["alignment_weight"], alignment_batch_size=r["alignment_batch_size"],
-                              out_dir=state_dir, device=device, progress=progress)
+                              diffusion_rows=r.get("diffusion_rows"), out_dir=state_dir, device=device, progress=progress)
         seconds = time.perf_counter() - start
         if main:
             metrics = stage2_metrics(model, tokenizer, pipeline)

@@ -241,6 +241,33 @@ def _quiet_peft():
 
 
 @contextlib.contextmanager
+def lora_merged(model: FusedLM):
+    """Inside the block the LoRA is folded into the LM's own weights (``W + s·B·A``, peft's
+    ``merge_adapter``), so each adapted layer is one matrix product instead of three. M³FT stage 1 trains with
+    the LoRA frozen and runs its LM about a quarter faster this way (notebook 07). On leaving, the LM's own
+    weights are put back exactly as they were (copied back, not subtracted, which would round)."""
+    if not hasattr(model.lm, "merge_adapter"):  # no LoRA: nothing to fold
+        yield
+        return
+    lora = [name for name, param in model.lm.named_parameters() if "lora_" in name and param.requires_grad]
+    if lora:
+        raise ValueError(f"the LoRA is training ({lora[0]} has requires_grad=True); fold it into the LM only "
+                         "while it is frozen, as in M³FT stage 1")
+    own = {name: param.detach().clone() for name, param in model.lm.named_parameters() if ".base_layer." in name}
+    with _quiet_peft():
+        model.lm.merge_adapter()
+    try:
+        yield
+    finally:
+        with _quiet_peft():
+            model.lm.unmerge_adapter()
+        params = dict(model.lm.named_parameters())
+        with torch.no_grad():
+            for name, value in own.items():
+                params[name].copy_(value)
+
+
+@contextlib.contextmanager
 def gate_closed(model: FusedLM):
     """Inside the block the fusion gate is 0 (the LM reads no pictures); afterwards it is as it was."""
     opened = model.gate.detach().clone()

@@ -54,8 +54,8 @@ from .checkpoints import save_folder
 from .data import Image, Sample, Turn, image_to_tensor
 from .diffusion import check_caption_samples, diffusion_loss, generate_for_embeds, score_pictures
 from .encoders import encode_text
-from .fusion import (FusedLM, collate, encode_with_pictures, fusion_loss, load_fused, sample_batches, save_fused,
-                     set_trainable)
+from .fusion import (FusedLM, collate, encode_with_pictures, fusion_loss, load_fused, lora_merged, sample_batches,
+                     save_fused, set_trainable)
 from .tokenizer import image_gen_tokens
 from .training import TrainConfig, TrainResult, train
 from .utils import DATA_DIR
@@ -300,21 +300,30 @@ def alignment_batch(model: M2ChatModel, tokenizer, examples: Sequence[AlignmentE
     """A batch for :meth:`M2ChatModel.condition` and :func:`stage1_loss`: the conversations cut right after
     their last ``[IMG0..K-1]`` (the target picture itself is not in the LM's input), the pictures before it,
     the reference pictures, and the targets (pictures and captions), at ``image_size`` (the model's)."""
+    return collate_alignment([encode_alignment(model, tokenizer, e, image_size) for e in examples],
+                             tokenizer.pad_token_id)
+
+
+def encode_alignment(model: M2ChatModel, tokenizer, example: AlignmentExample, image_size: int | None = None) -> dict:
+    """One example of :func:`alignment_batch`, as tensors (training encodes each example once and caches it)."""
     image_size = image_size or model.image_size
-    k = len(model.fused.gen_token_ids)
-    last_gen = tokenizer.convert_tokens_to_ids(image_gen_tokens(k)[-1])
-    items = []
-    for example in examples:
-        item = encode_with_pictures(tokenizer, example.sample, model.fused.tokens_per_image, image_size)
-        cut = len(item["input_ids"]) - item["input_ids"][::-1].index(last_gen)
-        items.append({"input_ids": item["input_ids"][:cut], "labels": None, "pixel_values": item["pixel_values"][:-1]})
-    batch = collate(items, tokenizer.pad_token_id)
+    last_gen = tokenizer.convert_tokens_to_ids(image_gen_tokens(len(model.fused.gen_token_ids))[-1])
+    item = encode_with_pictures(tokenizer, example.sample, model.fused.tokens_per_image, image_size)
+    cut = len(item["input_ids"]) - item["input_ids"][::-1].index(last_gen)
     blank = torch.zeros(3, image_size, image_size)
-    batch["reference"] = torch.stack([image_to_tensor(e.reference) if e.reference is not None else blank
-                                      for e in examples])
-    batch["has_reference"] = torch.tensor([e.reference is not None for e in examples])
-    batch["target"] = torch.stack([image_to_tensor(e.target) for e in examples])
-    batch["captions"] = [e.caption for e in examples]
+    return {"input_ids": item["input_ids"][:cut], "labels": None, "pixel_values": item["pixel_values"][:-1],
+            "reference": image_to_tensor(example.reference) if example.reference is not None else blank,
+            "has_reference": example.reference is not None, "target": image_to_tensor(example.target),
+            "caption": example.caption}
+
+
+def collate_alignment(items: Sequence[dict], pad_token_id: int) -> dict:
+    """Pad and stack :func:`encode_alignment` items into one batch."""
+    batch = collate([{k: item[k] for k in ("input_ids", "labels", "pixel_values")} for item in items], pad_token_id)
+    batch["reference"] = torch.stack([item["reference"] for item in items])
+    batch["has_reference"] = torch.tensor([item["has_reference"] for item in items])
+    batch["target"] = torch.stack([item["target"] for item in items])
+    batch["captions"] = [item["caption"] for item in items]
     return batch
 
 
@@ -324,14 +333,25 @@ def alignment_batch(model: M2ChatModel, tokenizer, examples: Sequence[AlignmentE
 
 
 def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda_pooled: float = 1.0,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """``L_diffusion + λ1·MSE(seq) + λ2·MSE(pooled)`` and its parts (floats, for logging)."""
+                generator: torch.Generator | None = None, diffusion_rows: int | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """``L_diffusion + λ1·MSE(seq) + λ2·MSE(pooled)`` and its parts (floats, for logging).
+
+    ``diffusion_rows`` (``None``: all) is how many rows of the batch the diffusion term sees; the two MSE
+    terms see every row. The diffusion term costs a forward and a backward pass of the generator per row and
+    its gradient is noisy (one random timestep and noise per picture), while the MSE terms are nearly free:
+    the recipe spends the generator on a quarter of the batch (``benchmarks/M2CHAT_RECIPE.md``). ``0`` drops
+    the term (MSE only)."""
     device = model.device
     condition = model.condition(batch)
     with torch.no_grad():
         teacher_seq, teacher_pooled = encode_text(model.teacher, model.teacher_tokenizer, batch["captions"], device)
-    l_diffusion = diffusion_loss(model.unet, model.scheduler, model.diffusion_targets(batch["target"]),
-                                 condition.prompt_embeds, condition.pooled, generator=generator)
+    rows = len(batch["captions"]) if diffusion_rows is None else min(diffusion_rows, len(batch["captions"]))
+    if rows < 0:
+        raise ValueError(f"diffusion_rows must be 0 or more (None: the whole batch); got {diffusion_rows}")
+    l_diffusion = condition.prompt_embeds.new_zeros(()) if rows == 0 else \
+        diffusion_loss(model.unet, model.scheduler, model.diffusion_targets(batch["target"][:rows]),
+                       condition.prompt_embeds[:rows], condition.pooled[:rows], generator=generator)
     l_seq = F.mse_loss(condition.prompt_embeds, teacher_seq)
     l_pooled = F.mse_loss(condition.pooled, teacher_pooled)
     loss = l_diffusion + lambda_seq * l_seq + lambda_pooled * l_pooled
@@ -358,15 +378,15 @@ def stage2_loss(model: M2ChatModel, batch: dict) -> torch.Tensor:
 
 
 def stage2_objective(model: M2ChatModel, instruction: dict, aligned: dict | None = None,
-                     alignment_weight: float = 1.0, lambda_seq: float = 1.0, lambda_pooled: float = 1.0
-                     ) -> tuple[torch.Tensor, dict[str, float]]:
+                     alignment_weight: float = 1.0, lambda_seq: float = 1.0, lambda_pooled: float = 1.0,
+                     diffusion_rows: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """What a stage-2 step minimises: :func:`stage2_loss` on an ``instruction`` batch, plus
     ``alignment_weight`` × :func:`stage1_loss` on an ``aligned`` batch (:func:`alignment_batch`). The adapter
     is frozen in stage 2, so the second term only moves the LoRA: it keeps the states the adapter reads."""
     l_lm = stage2_loss(model, instruction)
     if aligned is None or not alignment_weight:
         return l_lm, {"lm": l_lm.item()}
-    l_aligned, parts = stage1_loss(model, aligned, lambda_seq, lambda_pooled)
+    l_aligned, parts = stage1_loss(model, aligned, lambda_seq, lambda_pooled, diffusion_rows=diffusion_rows)
     return l_lm + alignment_weight * l_aligned, {"lm": l_lm.item(), "alignment": l_aligned.item(),
                                                  "seq_mse": parts["seq_mse"]}
 
@@ -379,7 +399,7 @@ def stage2_objective(model: M2ChatModel, instruction: dict, aligned: dict | None
 def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch_size: int = 32,
                  pool_size: int = 6000, lambda_seq: float = 1.0, lambda_pooled: float = 1.0, out_dir=None,
                  device: str = "cpu", progress: bool = True,
-                 examples: Sequence[AlignmentExample] | None = None) -> TrainResult:
+                 examples: Sequence[AlignmentExample] | None = None, diffusion_rows: int | None = None) -> TrainResult:
     """Stage 1 with the shared loop: adapter and ``[IMG]`` embeddings learn, all else is frozen. The data
     is ``pool_size`` ShapeWorld examples, or ``examples`` (real data: ``examples_of`` each sample)."""
     set_stage(model, "stage1")
@@ -388,19 +408,20 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
     last_parts: dict[str, float] = {}
 
     def loss_fn(batch: dict) -> torch.Tensor:
-        loss, parts = stage1_loss(model, batch, lambda_seq, lambda_pooled)
+        loss, parts = stage1_loss(model, batch, lambda_seq, lambda_pooled, diffusion_rows=diffusion_rows)
         last_parts.update(parts)
         return loss
 
-    return train(model, loss_fn, make_batch, train_config, out_dir=out_dir, device=device, progress=progress,
-                 description="M³FT stage 1", log_extra=lambda: dict(last_parts))
+    with lora_merged(model.fused):  # the LoRA is frozen here: folded into the LM, the same function, faster
+        return train(model, loss_fn, make_batch, train_config, out_dir=out_dir, device=device, progress=progress,
+                     description="M³FT stage 1", log_extra=lambda: dict(last_parts))
 
 
 def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch_size: int = 32,
                  pool_size: int = 6000, train_adapter_gate: bool = False, out_dir=None, device: str = "cpu",
                  progress: bool = True, samples: Sequence[Sample] | None = None, alignment_weight: float = 1.0,
                  alignment_batch_size: int | None = None, examples: Sequence[AlignmentExample] | None = None,
-                 lambda_seq: float = 1.0, lambda_pooled: float = 1.0) -> TrainResult:
+                 lambda_seq: float = 1.0, lambda_pooled: float = 1.0, diffusion_rows: int | None = None) -> TrainResult:
     """Stage 2 with the shared loop: LoRA, projector and fusion gate learn; the adapter is frozen. The data
     is ``pool_size`` ShapeWorld stories, dialogues and questions, or ``samples`` (real data). Each step adds
     ``alignment_weight`` × stage 1's loss on ``alignment_batch_size`` alignment examples (``batch_size // 2``
@@ -427,7 +448,7 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
         return instruction_batch(step), alignment(step) if alignment is not None else None
 
     def loss_fn(batch: tuple[dict, dict | None]) -> torch.Tensor:
-        loss, parts = stage2_objective(model, *batch, alignment_weight, lambda_seq, lambda_pooled)
+        loss, parts = stage2_objective(model, *batch, alignment_weight, lambda_seq, lambda_pooled, diffusion_rows)
         last_parts.update(parts)
         return loss
 
@@ -443,9 +464,15 @@ def _alignment_batches(model: M2ChatModel, tokenizer, examples: Sequence[Alignme
         alignment_examples(pool_size, seed=seed, image_size=model.image_size)
     _check_pool(examples, batch_size, "alignment examples")
 
+    encoded: dict[int, dict] = {}  # each example is encoded once, when first drawn
+
     def make_batch(step: int) -> dict:
         rng = random.Random(seed * 1_000_003 + step)
-        return alignment_batch(model, tokenizer, rng.sample(examples, batch_size))
+        picks = rng.sample(range(len(examples)), batch_size)
+        for i in picks:
+            if i not in encoded:
+                encoded[i] = encode_alignment(model, tokenizer, examples[i])
+        return collate_alignment([encoded[i] for i in picks], tokenizer.pad_token_id)
     return make_batch
 
 

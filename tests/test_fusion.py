@@ -226,3 +226,26 @@ def test_gate_closed_silences_the_pictures_and_restores_the_gate(tok, clip):
         with fusion.gate_closed(model):
             raise RuntimeError("boom")
     assert model.gate.item() == pytest.approx(0.7)  # restored even when the block fails
+
+
+def test_lora_merged_gives_the_same_states_and_restores_the_lm_exactly(tok, clip):
+    model = fusion.build_fused_lm(fresh_lm(tok), clip, tok, tokens_per_image=4, lora_rank=4).eval()
+    with torch.no_grad():  # a LoRA that does something (peft starts B at zero)
+        for name, param in model.lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    batch = fusion.collate([fusion.encode_with_pictures(tok, s, 4, 32) for s in vqa(3)], tok.pad_token_id)
+    args = (batch["input_ids"], batch["pixel_values"])
+    kwargs = dict(attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    fusion.set_trainable(model, ["gen_embeddings"])  # the LoRA frozen, as in M³FT stage 1
+    unmerged = model.hidden_states(*args, **kwargs)
+    with fusion.lora_merged(model):
+        merged = model.hidden_states(*args, **kwargs)
+        assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if ".base_layer." in n)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # bit for bit, as before
+    fusion.set_trainable(model, ["lora"])
+    with pytest.raises(ValueError, match="LoRA is training"):
+        with fusion.lora_merged(model):
+            pass

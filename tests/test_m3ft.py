@@ -173,6 +173,27 @@ def test_stage1_loss_is_the_weighted_sum_of_its_parts(tok):
     assert abs(zero.item() - parts0["diffusion"]) < 1e-6
 
 
+def test_the_diffusion_term_can_see_only_the_first_rows_of_the_batch(tok):
+    model = system(tok)
+    batch = m3ft.alignment_batch(model, tok, m3ft.alignment_examples(6, seed=5))
+    _, whole = m3ft.stage1_loss(model, batch, generator=torch.Generator().manual_seed(0))
+    _, first = m3ft.stage1_loss(model, batch, generator=torch.Generator().manual_seed(0), diffusion_rows=2)
+    # the same two rows alone, from the same noise and timesteps: the diffusion term is theirs only
+    condition = model.condition(batch)
+    expected = D.diffusion_loss(model.unet, model.scheduler, batch["target"][:2], condition.prompt_embeds[:2],
+                                condition.pooled[:2], generator=torch.Generator().manual_seed(0))
+    assert abs(first["diffusion"] - expected.item()) < 1e-6 and first["diffusion"] != whole["diffusion"]
+    assert first["seq_mse"] == pytest.approx(whole["seq_mse"])  # the MSE terms still see every row
+    calls = []
+    hook = model.unet.register_forward_hook(lambda *_: calls.append(1))
+    loss, none = m3ft.stage1_loss(model, batch, diffusion_rows=0)  # MSE only: the generator is not run
+    hook.remove()
+    assert none["diffusion"] == 0.0 and loss.item() == pytest.approx(none["seq_mse"] + none["pooled_mse"])
+    assert not calls
+    with pytest.raises(ValueError, match="diffusion_rows"):
+        m3ft.stage1_loss(model, batch, diffusion_rows=-1)
+
+
 def test_alignment_is_scored_like_the_teacher_row(tok):
     from m2chat_lite.benchmark import load_benchmark
 
