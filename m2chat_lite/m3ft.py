@@ -16,6 +16,12 @@ adapter's output, and ``E_text`` / ``E_pool`` are the teacher's sequence and poo
 target scene's caption. The examples (``alignment_examples``) are caption pairs (no reference) and the
 pictures of stories and dialogues (the picture before as the reference: a story frame changes one thing,
 a dialogue edit changes one attribute), so the adapter's visual branch and gate have something to learn.
+``diffusion_rows`` lets the diffusion term see only the first rows of each batch: it is the costly term (the
+generator's forward and backward pass) and the small one (a few hundredths against the MSE terms' tenths).
+A quarter of the batch cuts a step's time by 28%; the shipped recipe keeps every row, because the budget that
+fits both stages into 15 minutes costs pictures (``benchmarks/M2CHAT_RECIPE.md``, "Fitting 15 minutes").
+Stage 1 folds the frozen LoRA into the LM's weights while it trains (``fusion.lora_merged``): the same
+function, fewer matrix products.
 
 **Stage 2, visual instruction** (``stage2_loss``). A disjoint group trains: LoRA on the LM, the projector and
 the fusion gate (notebook 05); the adapter is frozen (its gate too, unless ``train_adapter_gate=True``, which
@@ -25,7 +31,8 @@ alignment examples, weighted by ``alignment_weight`` (1 by default), as the offi
 losses. The adapter is frozen, so that term moves only the LoRA: it keeps the hidden states the adapter reads
 where stage 1 left them. Without it (``alignment_weight=0``) the LoRA drifts those states and the pictures
 suffer: on the chain shipped before 2026-11-27, 800 steps took the benchmark's fully-right pictures from
-17.3% after stage 1 to 8.7%; with it, to 18.3% (``benchmarks/M2CHAT_RECIPE.md``).
+17.3% after stage 1 to 8.7%; with it, to 18.3% (``benchmarks/M2CHAT_RECIPE.md``). With ``diffusion_rows=0`` the term keeps only its teacher-matching (MSE)
+parts and the generator is not run in stage 2.
 
 ``trainable_groups(stage)`` names each stage's parameters; ``check_disjoint`` proves the two stages share
 none (tested, with a test that frozen weights do not move).
