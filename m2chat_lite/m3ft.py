@@ -31,8 +31,8 @@ alignment examples, weighted by ``alignment_weight`` (1 by default), as the offi
 losses. The adapter is frozen, so that term moves only the LoRA: it keeps the hidden states the adapter reads
 where stage 1 left them. Without it (``alignment_weight=0``) the LoRA drifts those states and the pictures
 suffer: on the chain shipped before 2026-11-27, 800 steps took the benchmark's fully-right pictures from
-17.3% after stage 1 to 8.7%; with it, to 18.3% (``benchmarks/M2CHAT_RECIPE.md``). With ``diffusion_rows=0`` the term keeps only its teacher-matching (MSE)
-parts and the generator is not run in stage 2.
+17.3% after stage 1 to 8.7%; with it, to 18.3% (``benchmarks/M2CHAT_RECIPE.md``). With ``diffusion_rows=0``
+the term keeps only its teacher-matching (MSE) parts and the generator is not run in stage 2.
 
 ``trainable_groups(stage)`` names each stage's parameters; ``check_disjoint`` proves the two stages share
 none (tested, with a test that frozen weights do not move).
@@ -347,15 +347,15 @@ def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda
     ``diffusion_rows`` (``None``: all) is how many rows of the batch the diffusion term sees; the two MSE
     terms see every row. The diffusion term costs a forward and a backward pass of the generator per row and
     its gradient is noisy (one random timestep and noise per picture), while the MSE terms are nearly free:
-    the recipe spends the generator on a quarter of the batch (``benchmarks/M2CHAT_RECIPE.md``). ``0`` drops
-    the term (MSE only)."""
+    on a quarter of the batch a stage-1 step takes 28% less time (``benchmarks/M2CHAT_RECIPE.md``, "Fitting
+    15 minutes"). ``0`` drops the term (MSE only)."""
+    if diffusion_rows is not None and diffusion_rows < 0:
+        raise ValueError(f"diffusion_rows must be 0 or more (None: the whole batch); got {diffusion_rows}")
     device = model.device
     condition = model.condition(batch)
     with torch.no_grad():
         teacher_seq, teacher_pooled = encode_text(model.teacher, model.teacher_tokenizer, batch["captions"], device)
     rows = len(batch["captions"]) if diffusion_rows is None else min(diffusion_rows, len(batch["captions"]))
-    if rows < 0:
-        raise ValueError(f"diffusion_rows must be 0 or more (None: the whole batch); got {diffusion_rows}")
     l_diffusion = condition.prompt_embeds.new_zeros(()) if rows == 0 else \
         diffusion_loss(model.unet, model.scheduler, model.diffusion_targets(batch["target"][:rows]),
                        condition.prompt_embeds[:rows], condition.pooled[:rows], generator=generator)
@@ -408,7 +408,8 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
                  device: str = "cpu", progress: bool = True,
                  examples: Sequence[AlignmentExample] | None = None, diffusion_rows: int | None = None) -> TrainResult:
     """Stage 1 with the shared loop: adapter and ``[IMG]`` embeddings learn, all else is frozen. The data
-    is ``pool_size`` ShapeWorld examples, or ``examples`` (real data: ``examples_of`` each sample)."""
+    is ``pool_size`` ShapeWorld examples, or ``examples`` (real data: ``examples_of`` each sample);
+    ``diffusion_rows`` as in :func:`stage1_loss`."""
     set_stage(model, "stage1")
     model.to(device)
     make_batch = _alignment_batches(model, tokenizer, examples, batch_size, train_config.seed, pool_size)
@@ -432,7 +433,8 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
     """Stage 2 with the shared loop: LoRA, projector and fusion gate learn; the adapter is frozen. The data
     is ``pool_size`` ShapeWorld stories, dialogues and questions, or ``samples`` (real data). Each step adds
     ``alignment_weight`` × stage 1's loss on ``alignment_batch_size`` alignment examples (``batch_size // 2``
-    by default): ShapeWorld's, or ``examples`` (default with ``samples``: the pictures they draw)."""
+    by default): ShapeWorld's, or ``examples`` (default with ``samples``: the pictures they draw), with
+    ``diffusion_rows`` as in :func:`stage1_loss`."""
     set_stage(model, "stage2", train_adapter_gate)
     model.to(device)
     if samples is not None and examples is None:  # real data: align on the pictures it draws
