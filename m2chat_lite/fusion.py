@@ -369,15 +369,23 @@ def sample_batches(tokenizer, samples: Sequence[Sample], tokens_per_image: int, 
                    image_size: int = 32, seed: int = 0):
     """``make_batch(step)``: ``batch_size`` of ``samples`` (encoded once, then cached), a function of
     ``(seed, step)`` only, so a resumed run sees the same batches."""
-    encoded: dict[int, dict] = {}
+    return cached_batches(len(samples), batch_size, seed,
+                          lambda i: encode_with_pictures(tokenizer, samples[i], tokens_per_image, image_size),
+                          lambda items: collate(items, tokenizer.pad_token_id))
 
-    def make_batch(step: int) -> dict:
+
+def cached_batches(pool_size: int, batch_size: int, seed: int, encode, collate_items):
+    """``make_batch(step)``: ``collate_items`` of ``batch_size`` items picked from ``range(pool_size)`` by
+    ``(seed, step)`` alone, each ``encode(i)`` computed once, when first picked, then cached."""
+    encoded: dict[int, object] = {}
+
+    def make_batch(step: int):
         rng = random.Random(seed * 1_000_003 + step)
-        picks = rng.sample(range(len(samples)), batch_size)
+        picks = rng.sample(range(pool_size), batch_size)
         for i in picks:
             if i not in encoded:
-                encoded[i] = encode_with_pictures(tokenizer, samples[i], tokens_per_image, image_size)
-        return collate([encoded[i] for i in picks], tokenizer.pad_token_id)
+                encoded[i] = encode(i)
+        return collate_items([encoded[i] for i in picks])
 
     return make_batch
 

@@ -61,8 +61,8 @@ from .checkpoints import save_folder
 from .data import Image, Sample, Turn, image_to_tensor
 from .diffusion import check_caption_samples, diffusion_loss, generate_for_embeds, score_pictures
 from .encoders import encode_text
-from .fusion import (FusedLM, collate, encode_with_pictures, fusion_loss, load_fused, lora_merged, sample_batches,
-                     save_fused, set_trainable)
+from .fusion import (FusedLM, cached_batches, collate, encode_with_pictures, fusion_loss, load_fused, lora_merged,
+                     sample_batches, save_fused, set_trainable)
 from .tokenizer import image_gen_tokens
 from .training import TrainConfig, TrainResult, train
 from .utils import DATA_DIR
@@ -472,17 +472,8 @@ def _alignment_batches(model: M2ChatModel, tokenizer, examples: Sequence[Alignme
     examples = list(examples) if examples is not None else \
         alignment_examples(pool_size, seed=seed, image_size=model.image_size)
     _check_pool(examples, batch_size, "alignment examples")
-
-    encoded: dict[int, dict] = {}  # each example is encoded once, when first drawn
-
-    def make_batch(step: int) -> dict:
-        rng = random.Random(seed * 1_000_003 + step)
-        picks = rng.sample(range(len(examples)), batch_size)
-        for i in picks:
-            if i not in encoded:
-                encoded[i] = encode_alignment(model, tokenizer, examples[i])
-        return collate_alignment([encoded[i] for i in picks], tokenizer.pad_token_id)
-    return make_batch
+    return cached_batches(len(examples), batch_size, seed, lambda i: encode_alignment(model, tokenizer, examples[i]),
+                          lambda items: collate_alignment(items, tokenizer.pad_token_id))
 
 
 def _check_pool(pool: Sequence, batch_size: int, what: str) -> None:
