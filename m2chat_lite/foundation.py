@@ -43,14 +43,15 @@ RECIPE = {
     "diffusion": {"steps": 1400, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.0, "ema_decay": 0.995},
     "fusion": {"steps": 3000, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
                "tokens_per_image": 9, "lora_rank": 16, "pool_last": True},
-    # M³FT. `diffusion_rows`: how many rows of each batch the diffusion term sees (None: all; 0: none). A faster
-    # budget (stage 1: 900 steps, 8 rows; stage 2: 300 steps, 0 rows) fits the two stages in 14.7 minutes but
-    # draws 24.7% of test captions fully right instead of 28.0% (benchmarks/M2CHAT_RECIPE.md, "Fitting 15 minutes")
+    # M³FT. `diffusion_rows`: how many rows of each batch the diffusion term sees (None: all; 0: none).
+    # `cached_steps`: stage 1's first steps train the adapter alone on the frozen parts' outputs, computed once
+    # (m3ft.train_stage1); the last 100 train the [IMG] embeddings too (benchmarks/M2CHAT_RECIPE.md, "Fitting 15
+    # minutes")
     "stage1": {"steps": 1500, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
                "pool_size": 6000, "gate_mode": "adaptive", "lambda_seq": 1.0, "lambda_pooled": 1.0,
-               "diffusion_rows": None},
-    "stage2": {"steps": 800, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
-               "pool_size": 6000, "alignment_weight": 1.0, "alignment_batch_size": 16, "diffusion_rows": None},
+               "diffusion_rows": 4, "cached_steps": 1400},
+    "stage2": {"steps": 300, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
+               "pool_size": 6000, "alignment_weight": 1.0, "alignment_batch_size": 16, "diffusion_rows": 0},
 }
 
 
@@ -156,7 +157,7 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
         model = build_m2chat(fused, pipeline, config, gate_mode=r["gate_mode"], seed=seed)
         result = train_stage1(model, tokenizer, train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
                               lambda_seq=r["lambda_seq"], lambda_pooled=r["lambda_pooled"],
-                              diffusion_rows=r["diffusion_rows"], out_dir=state_dir,
+                              diffusion_rows=r["diffusion_rows"], cached_steps=r["cached_steps"], out_dir=state_dir,
                               device=device, progress=progress)
         seconds = time.perf_counter() - start
         if main:

@@ -16,11 +16,15 @@ adapter's output, and ``E_text`` / ``E_pool`` are the teacher's sequence and poo
 target scene's caption. The examples (``alignment_examples``) are caption pairs (no reference) and the
 pictures of stories and dialogues (the picture before as the reference: a story frame changes one thing,
 a dialogue edit changes one attribute), so the adapter's visual branch and gate have something to learn.
-``diffusion_rows`` lets the diffusion term see only the first rows of each batch: it is the costly term (the
-generator's forward and backward pass) and the small one (a few hundredths against the MSE terms' tenths).
-A quarter of the batch cuts a step's time by 28%; the shipped recipe keeps every row, because the budget that
-fits both stages into 15 minutes costs pictures (``benchmarks/M2CHAT_RECIPE.md``, "Fitting 15 minutes").
-Stage 1 folds the frozen LoRA into the LM's weights while it trains (``fusion.lora_merged``): the same
+Two things make stage 1 fit a CPU budget (``benchmarks/M2CHAT_RECIPE.md``, "Fitting 15 minutes"):
+
+- ``cached_steps``: the LM is frozen, so while the ``[IMG]`` embeddings wait, everything before the adapter
+  is a fixed function of the example. The first steps train the adapter alone on those outputs, computed
+  once (``precompute_alignment``); the last steps train the ``[IMG]`` embeddings too, through the LM.
+- ``diffusion_rows``: the diffusion term sees only the first rows of each batch. It is the costly term (the
+  generator's forward and backward pass) and the small one (a few hundredths against the MSE terms' tenths).
+
+Stage 1 also folds the frozen LoRA into the LM's weights while it trains (``fusion.lora_merged``): the same
 function, fewer matrix products.
 
 **Stage 2, visual instruction** (``stage2_loss``). A disjoint group trains: LoRA on the LM, the projector and
@@ -54,6 +58,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import world
 from .adapter import AdapterConfig, AdapterOutput, M3Adapter, condition_span, gather_spans
@@ -64,7 +69,7 @@ from .encoders import encode_text
 from .fusion import (FusedLM, cached_batches, collate, encode_with_pictures, fusion_loss, load_fused, lora_merged,
                      sample_batches, save_fused, set_trainable)
 from .tokenizer import image_gen_tokens
-from .training import TrainConfig, TrainResult, train
+from .training import TrainConfig, TrainResult, data_parallel, train
 from .utils import DATA_DIR
 from .world.samples import make_samples, scenes_of
 
@@ -127,9 +132,10 @@ class M2ChatModel(nn.Module):
             out = self.fused.vision_model(pixel_values=pictures.to(self.device), output_hidden_states=True)
         return out.hidden_states[self.visual_layer].float()
 
-    def condition(self, batch: dict, return_attention: bool = False) -> AdapterOutput:
-        """The adapter's conditioning for the **last** ``[IMG]`` span of each row of ``batch`` (see
-        :func:`alignment_batch`): LM hidden states over the span, plus the reference picture."""
+    def adapter_inputs(self, batch: dict) -> dict:
+        """What the adapter reads for the **last** ``[IMG]`` span of each row of ``batch`` (see
+        :func:`alignment_batch`): ``states [B, S, lm_dim]`` (the LM's hidden states over the span, right-padded)
+        with ``state_mask``, and ``visual`` (the reference picture's patch features) with ``has_reference``."""
         device = self.device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         hidden = self.fused.hidden_states(ids, batch["pixel_values"].to(device), attention_mask=mask,
@@ -140,9 +146,17 @@ class M2ChatModel(nn.Module):
         if sorted(last) != list(range(len(ids))):
             raise ValueError("every row must end with an [IMG0..K-1] span to condition on")
         states, state_mask = gather_spans(hidden, [last[row] for row in range(len(ids))])
-        visual = self.reference_features(batch["reference"])
-        return self.adapter(states, state_mask, visual, has_reference=batch["has_reference"].to(device),
-                            return_attention=return_attention)
+        return {"states": states, "state_mask": state_mask, "visual": self.reference_features(batch["reference"]),
+                "has_reference": batch["has_reference"].to(device)}
+
+    def condition(self, batch: dict, return_attention: bool = False) -> AdapterOutput:
+        """The adapter's conditioning for the last ``[IMG]`` span of each row of ``batch``: from
+        :meth:`adapter_inputs`, or from the batch itself when it carries them (stage 1's cached steps,
+        :func:`precompute_alignment`)."""
+        inputs = batch if "states" in batch else self.adapter_inputs(batch)
+        device = self.device
+        return self.adapter(inputs["states"].to(device), inputs["state_mask"].to(device), inputs["visual"].to(device),
+                            has_reference=inputs["has_reference"].to(device), return_attention=return_attention)
 
 
 def build_m2chat(fused: FusedLM, pipeline, config, gate_mode: str = "adaptive", seed: int = 0,
@@ -334,6 +348,46 @@ def collate_alignment(items: Sequence[dict], pad_token_id: int) -> dict:
     return batch
 
 
+@torch.no_grad()
+def precompute_alignment(model: M2ChatModel, tokenizer, examples: Sequence[AlignmentExample], batch_size: int = 64,
+                         progress: bool = False) -> list[dict]:
+    """Everything frozen in a stage-1 step, computed once per example: what the adapter reads
+    (:meth:`M2ChatModel.adapter_inputs`: the LM's states over the caption and ``[IMG]`` span, the reference
+    picture's patch features), what its output is scored against (the teacher's embeddings of the caption)
+    and what the generator denoises (the target picture, or its latents).
+
+    The LM's states depend on the trainable ``[IMG]`` embeddings, so they stay exact only while those have
+    not moved: :func:`train_stage1`'s ``cached_steps``. Memory: about 100 KB per tiny example (0.6 GB for
+    the recipe's 6,000); mind it at larger sizes."""
+    out = []
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc="stage 1: caching the frozen parts", disable=not progress, leave=False):
+        batch = alignment_batch(model, tokenizer, examples[start:start + batch_size])
+        inputs = model.adapter_inputs(batch)
+        teacher_seq, teacher_pooled = encode_text(model.teacher, model.teacher_tokenizer, batch["captions"],
+                                                  model.device)
+        targets = model.diffusion_targets(batch["target"])
+        for row in range(len(batch["captions"])):
+            out.append({"states": inputs["states"][row, inputs["state_mask"][row]].cpu(),
+                        "visual": inputs["visual"][row].cpu(), "has_reference": bool(inputs["has_reference"][row]),
+                        "teacher_seq": teacher_seq[row].float().cpu(), "teacher_pooled": teacher_pooled[row].float().cpu(),
+                        "diffusion_target": targets[row].cpu(), "caption": batch["captions"][row]})
+    return out
+
+
+def collate_precomputed(items: Sequence[dict]) -> dict:
+    """A batch of :func:`precompute_alignment` items for :func:`stage1_loss`; the states right-padded with a
+    mask, as :meth:`M2ChatModel.adapter_inputs` gives them."""
+    states = nn.utils.rnn.pad_sequence([item["states"] for item in items], batch_first=True)
+    lengths = torch.tensor([len(item["states"]) for item in items])
+    batch = {"states": states, "state_mask": torch.arange(states.shape[1])[None] < lengths[:, None],
+             "has_reference": torch.tensor([item["has_reference"] for item in items]),
+             "captions": [item["caption"] for item in items]}
+    for key in ("visual", "teacher_seq", "teacher_pooled", "diffusion_target"):
+        batch[key] = torch.stack([item[key] for item in items])
+    return batch
+
+
 # ---------------------------------------------------------------------------------------------
 # The losses
 # ---------------------------------------------------------------------------------------------
@@ -348,17 +402,23 @@ def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda
     terms see every row. The diffusion term costs a forward and a backward pass of the generator per row and
     its gradient is noisy (one random timestep and noise per picture), while the MSE terms are nearly free:
     on a quarter of the batch a stage-1 step takes 28% less time (``benchmarks/M2CHAT_RECIPE.md``, "Fitting
-    15 minutes"). ``0`` drops the term (MSE only)."""
+    15 minutes"). ``0`` drops the term (MSE only). A batch from :func:`collate_precomputed` brings the
+    adapter's inputs, the teacher's embeddings and the generator's targets with it."""
     if diffusion_rows is not None and diffusion_rows < 0:
         raise ValueError(f"diffusion_rows must be 0 or more (None: the whole batch); got {diffusion_rows}")
     device = model.device
     condition = model.condition(batch)
-    with torch.no_grad():
-        teacher_seq, teacher_pooled = encode_text(model.teacher, model.teacher_tokenizer, batch["captions"], device)
+    if "teacher_seq" in batch:  # precomputed, with the adapter's inputs (precompute_alignment)
+        teacher_seq, teacher_pooled = batch["teacher_seq"].to(device), batch["teacher_pooled"].to(device)
+    else:
+        with torch.no_grad():
+            teacher_seq, teacher_pooled = encode_text(model.teacher, model.teacher_tokenizer, batch["captions"], device)
     rows = len(batch["captions"]) if diffusion_rows is None else min(diffusion_rows, len(batch["captions"]))
+    targets = batch["diffusion_target"][:rows].to(device) if "diffusion_target" in batch else \
+        model.diffusion_targets(batch["target"][:rows])
     l_diffusion = condition.prompt_embeds.new_zeros(()) if rows == 0 else \
-        diffusion_loss(model.unet, model.scheduler, model.diffusion_targets(batch["target"][:rows]),
-                       condition.prompt_embeds[:rows], condition.pooled[:rows], generator=generator)
+        diffusion_loss(model.unet, model.scheduler, targets, condition.prompt_embeds[:rows], condition.pooled[:rows],
+                       generator=generator)
     l_seq = F.mse_loss(condition.prompt_embeds, teacher_seq)
     l_pooled = F.mse_loss(condition.pooled, teacher_pooled)
     loss = l_diffusion + lambda_seq * l_seq + lambda_pooled * l_pooled
@@ -406,13 +466,38 @@ def stage2_objective(model: M2ChatModel, instruction: dict, aligned: dict | None
 def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch_size: int = 32,
                  pool_size: int = 6000, lambda_seq: float = 1.0, lambda_pooled: float = 1.0, out_dir=None,
                  device: str = "cpu", progress: bool = True,
-                 examples: Sequence[AlignmentExample] | None = None, diffusion_rows: int | None = None) -> TrainResult:
+                 examples: Sequence[AlignmentExample] | None = None, diffusion_rows: int | None = None,
+                 cached_steps: int = 0) -> TrainResult:
     """Stage 1 with the shared loop: adapter and ``[IMG]`` embeddings learn, all else is frozen. The data
     is ``pool_size`` ShapeWorld examples, or ``examples`` (real data: ``examples_of`` each sample);
-    ``diffusion_rows`` as in :func:`stage1_loss`."""
+    ``diffusion_rows`` as in :func:`stage1_loss`.
+
+    The first ``cached_steps`` steps train the adapter alone: the ``[IMG]`` embeddings wait, so the LM, the
+    vision encoder and the teacher are fixed functions of the example there, computed once for the whole
+    pool (:func:`precompute_alignment`) instead of at every step. Those steps see the same batches and give
+    the same losses as the plain loop would with the ``[IMG]`` embeddings held still; they skip the LM's
+    forward and backward passes, the costliest part of a step. The steps after them train both groups."""
+    if cached_steps < 0:
+        raise ValueError(f"cached_steps must be 0 or more; got {cached_steps}")
     set_stage(model, "stage1")
     model.to(device)
-    make_batch = _alignment_batches(model, tokenizer, examples, batch_size, train_config.seed, pool_size)
+    examples = list(examples) if examples is not None else \
+        alignment_examples(pool_size, seed=train_config.seed, image_size=model.image_size)
+    full_batch = _alignment_batches(model, tokenizer, examples, batch_size, train_config.seed, pool_size)
+    make_batch = full_batch
+    if cached_steps:
+        # make_batch's index counts micro-batches: grad_accum_steps per process and step (training's docstring)
+        cached_batch, per_step = None, train_config.grad_accum_steps * data_parallel()[1]
+
+        def make_batch(index: int) -> dict:
+            nonlocal cached_batch
+            if index >= cached_steps * per_step:
+                return full_batch(index)
+            if cached_batch is None:  # first needed here, so a run resumed after the cached steps skips it
+                inputs = precompute_alignment(model, tokenizer, examples, progress=progress)
+                cached_batch = cached_batches(len(inputs), batch_size, train_config.seed, inputs.__getitem__,
+                                              collate_precomputed)
+            return cached_batch(index)
     last_parts: dict[str, float] = {}
 
     def loss_fn(batch: dict) -> torch.Tensor:

@@ -194,6 +194,49 @@ def test_the_diffusion_term_can_see_only_the_first_rows_of_the_batch(tok):
         m3ft.stage1_loss(model, batch, diffusion_rows=-1)
 
 
+def test_precomputed_frozen_parts_give_the_same_stage1_loss(tok):
+    model = system(tok)
+    examples = m3ft.alignment_examples(6, seed=5)
+    full = m3ft.alignment_batch(model, tok, examples)
+    cached = m3ft.collate_precomputed(m3ft.precompute_alignment(model, tok, examples, batch_size=4))
+    assert cached["has_reference"].tolist() == full["has_reference"].tolist()
+    for rows in (None, 2):
+        loss, parts = m3ft.stage1_loss(model, full, generator=torch.Generator().manual_seed(0), diffusion_rows=rows)
+        again, same = m3ft.stage1_loss(model, cached, generator=torch.Generator().manual_seed(0), diffusion_rows=rows)
+        assert again.item() == pytest.approx(loss.item(), abs=1e-5)
+        assert same == pytest.approx(parts, abs=1e-5)
+
+
+def test_cached_steps_train_the_adapter_alone_then_both_groups(tok, tmp_path, monkeypatch):
+    def run(steps, cached_steps, out_dir=None):
+        set_seed(0)
+        model = system(tok)
+        config = TrainConfig(max_steps=steps, lr=1e-2, warmup_steps=1, log_every=1, seed=0)
+        result = m3ft.train_stage1(model, tok, config, batch_size=4, pool_size=12, progress=False,
+                                   cached_steps=cached_steps, out_dir=out_dir)
+        return model, result
+
+    start = system(tok).fused.gen_embeddings.detach().clone()
+    plain_model, plain = run(1, 0)
+    cached_model, cached = run(2, 2)
+    # the first step is the plain loop's first step: same batch, same loss
+    assert cached.history[0]["loss"] == pytest.approx(plain.history[0]["loss"], abs=1e-5)
+    assert torch.equal(cached_model.fused.gen_embeddings, start)  # the [IMG] embeddings waited
+    assert not torch.equal(plain_model.fused.gen_embeddings, start)
+    assert any(not torch.equal(p, q) for p, q in zip(cached_model.adapter.parameters(),
+                                                      system(tok).adapter.parameters()))
+    model, _ = run(3, 2, out_dir=tmp_path)  # the third step trains them too
+    assert not torch.equal(model.fused.gen_embeddings, start)
+
+    def no_cache(*args, **kwargs):
+        raise AssertionError("a run resumed after its cached steps computed the cache")
+    monkeypatch.setattr(m3ft, "precompute_alignment", no_cache)
+    _, resumed = run(4, 2, out_dir=tmp_path)
+    assert resumed.steps == 4 and resumed.resumed_from == 3
+    with pytest.raises(ValueError, match="cached_steps"):
+        run(1, -1)
+
+
 def test_alignment_is_scored_like_the_teacher_row(tok):
     from m2chat_lite.benchmark import load_benchmark
 
