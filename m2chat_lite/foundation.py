@@ -46,7 +46,7 @@ RECIPE = {
     # M³FT. `diffusion_rows`: how many rows of each batch the diffusion term sees (None: all; 0: none).
     # `cached_steps`: stage 1's first steps train the adapter alone on the frozen parts' outputs, computed once
     # (m3ft.train_stage1); the last 100 train the [IMG] embeddings too (benchmarks/M2CHAT_RECIPE.md, "Fitting 15
-    # minutes")
+    # minutes"). `--steps N` keeps the same share cached; `--minutes` runs plain steps only.
     "stage1": {"steps": 1500, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
                "pool_size": 6000, "gate_mode": "adaptive", "lambda_seq": 1.0, "lambda_pooled": 1.0,
                "diffusion_rows": 4, "cached_steps": 1400},
@@ -62,6 +62,15 @@ def _train_config(stage: str, steps: int | None, minutes: float | None, seed: in
                        max_seconds=minutes * 60 if minutes else None, lr=r["lr"], warmup_steps=r["warmup_steps"],
                        weight_decay=r["weight_decay"], ema_decay=r.get("ema_decay"), seed=seed,
                        log_every=25, checkpoint_every=100, grad_accum_steps=grad_accum_steps)
+
+
+def _cached_steps(steps: int | None, minutes: float | None) -> int:
+    """Stage 1's cached steps for a budget: the recipe's share of ``--steps`` (so the last steps still train the
+    ``[IMG]`` embeddings), none for ``--minutes`` (the budget's last steps are not known in advance)."""
+    r = RECIPE["stage1"]
+    if steps is None:
+        return 0 if minutes else r["cached_steps"]
+    return steps * r["cached_steps"] // r["steps"]
 
 
 def _benchmark_pictures(split: str, device: str):
@@ -157,8 +166,8 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
         model = build_m2chat(fused, pipeline, config, gate_mode=r["gate_mode"], seed=seed)
         result = train_stage1(model, tokenizer, train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
                               lambda_seq=r["lambda_seq"], lambda_pooled=r["lambda_pooled"],
-                              diffusion_rows=r["diffusion_rows"], cached_steps=r["cached_steps"], out_dir=state_dir,
-                              device=device, progress=progress)
+                              diffusion_rows=r["diffusion_rows"], cached_steps=_cached_steps(steps, minutes),
+                              out_dir=state_dir, device=device, progress=progress)
         seconds = time.perf_counter() - start
         if main:
             # Shipped with the adapter in float16 (half the bytes); scored as shipped, and in float32 beside it
