@@ -93,6 +93,8 @@ def tiny_rows(device: str, steps: int) -> list[tuple[str, str]]:
         with fusion.lora_merged(model.fused) if name == "M³FT stage 1" else contextlib.nullcontext():
             seconds = timed(step_fn(model, loss_fn, make(batch_size), params), steps, device)
         rows.append((f"{name}: training step, batch {batch_size}", f"{seconds:.3f} s ({1 / seconds:.2f} steps/s)"))
+        if name == "M³FT stage 1":
+            rows += cached_stage1_rows(model, tokenizer, batch_size, loss_fn, steps, device)
     model.requires_grad_(False)
     model.eval()
 
@@ -110,6 +112,22 @@ def tiny_rows(device: str, steps: int) -> list[tuple[str, str]]:
     rows.append(("the 3-turn dialogue from `demo`", f"{seconds:.2f} s"))
     rows.append(("peak memory", peak_memory(device)))
     return rows
+
+
+def cached_stage1_rows(model, tokenizer, batch_size: int, loss_fn, steps: int, device: str,
+                       sample: int = 512) -> list[tuple[str, str]]:
+    """The recipe's cached stage-1 step (the adapter alone, on precomputed LM states: ``m3ft.train_stage1``'s
+    ``cached_steps``) and the size of that cache for the recipe's pool, from the mean of ``sample`` examples."""
+    r = RECIPE["stage1"]
+    items = m3ft.precompute_alignment(model, tokenizer, m3ft.alignment_examples(sample))
+    per_example = sum(t.numel() * t.element_size() for item in items for t in item.values()
+                      if isinstance(t, torch.Tensor)) / len(items)
+    params = [p for p in model.adapter.parameters() if p.requires_grad]
+    seconds = timed(step_fn(model, loss_fn, m3ft.collate_precomputed(items[:batch_size]), params), steps, device)
+    return [(f"M³FT stage 1: cached step (adapter alone, {r['cached_steps']} of the recipe's {r['steps']}), "
+             f"batch {batch_size}", f"{seconds:.3f} s ({1 / seconds:.2f} steps/s)"),
+            (f"M³FT stage 1: the cache for the recipe's {r['pool_size']:,} examples (tensors, mean of {sample})",
+             f"{per_example * r['pool_size'] / 2**20:.0f} MiB ({per_example / 1024:.0f} KiB per example)")]
 
 
 def peak_memory(device: str) -> str:

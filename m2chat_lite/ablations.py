@@ -29,7 +29,7 @@ from .config import get_config
 from .data import Sample
 from .diffusion import TinyDiffusionPipeline
 from .evaluation import eval_dialog, eval_story, eval_t2i, eval_vqa
-from .foundation import RECIPE
+from .foundation import RECIPE, stage1_cached_steps
 from .fusion import load_fused
 from .m3ft import M2ChatModel, build_m2chat, train_joint, train_stage1, train_stage2
 from .pipeline import M2ChatPipeline
@@ -47,6 +47,12 @@ def _config(stage: str, steps: int, seed: int) -> TrainConfig:
     return TrainConfig(max_steps=steps, lr=r["lr"], warmup_steps=min(r["warmup_steps"], max(1, steps // 5)),
                        weight_decay=r["weight_decay"], log_every=max(1, min(25, steps)), checkpoint_every=10**9,
                        seed=seed)
+
+
+def _stage1_recipe(steps: int) -> dict:
+    """The recipe's stage-1 speed knobs for a budget of ``steps``: the diffusion term's rows and the recipe's
+    share of cached steps (``foundation.RECIPE``), so a variant differs from the recipe only where it says."""
+    return {"diffusion_rows": RECIPE["stage1"]["diffusion_rows"], "cached_steps": stage1_cached_steps(steps, None)}
 
 
 def fresh_system(fusion_dir, generator: TinyDiffusionPipeline, gate_mode: str = "adaptive", seed: int = 0):
@@ -68,7 +74,7 @@ def train_gate_variant(gate_mode: str, steps: int, fusion_dir, generator: TinyDi
     model, tokenizer = fresh_system(fusion_dir, generator, gate_mode, seed)
     set_seed(seed)  # the diffusion loss's noise: each variant the same, whatever ran before it
     start = time.perf_counter()
-    result = train_stage1(model, tokenizer, _config("stage1", steps, seed),
+    result = train_stage1(model, tokenizer, _config("stage1", steps, seed), **_stage1_recipe(steps),
                           batch_size=batch_size or RECIPE["stage1"]["batch_size"],
                           pool_size=pool_size or RECIPE["stage1"]["pool_size"], progress=progress)
     info = {"gate_mode": gate_mode, "steps": result.steps, "train_seconds": round(time.perf_counter() - start),
@@ -95,15 +101,17 @@ def train_m3ft_variants(stage1_steps: int, stage2_steps: int, fusion_dir, genera
         set_seed(seed)  # the diffusion loss's noise: each variant the same, whatever ran before it
         start = time.perf_counter()
         result = train_stage1(model, tokenizer, _config("stage1", stage1_steps, seed), batch_size=batch,
-                              pool_size=pool, progress=progress)
+                              pool_size=pool, progress=progress, **_stage1_recipe(stage1_steps))
         return {"stage1_steps": result.steps, "stage1_seconds": round(time.perf_counter() - start),
                 "stage1_final": _final_parts(result)}
 
     def stage2(model: M2ChatModel, tokenizer, alignment_weight: float = RECIPE["stage2"]["alignment_weight"]) -> dict:
         set_seed(seed)
         start = time.perf_counter()
+        # the alignment batch: train_stage2's default, half the batch (the recipe's 16 of 32)
         result = train_stage2(model, tokenizer, _config("stage2", stage2_steps, seed), batch_size=batch,
-                              pool_size=pool, alignment_weight=alignment_weight, progress=progress)
+                              pool_size=pool, alignment_weight=alignment_weight, progress=progress,
+                              diffusion_rows=RECIPE["stage2"]["diffusion_rows"])
         return {"stage2_steps": result.steps, "stage2_seconds": round(time.perf_counter() - start),
                 "stage2_alignment_weight": alignment_weight, "stage2_final": _final_parts(result)}
 

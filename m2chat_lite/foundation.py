@@ -64,7 +64,7 @@ def _train_config(stage: str, steps: int | None, minutes: float | None, seed: in
                        log_every=25, checkpoint_every=100, grad_accum_steps=grad_accum_steps)
 
 
-def _cached_steps(steps: int | None, minutes: float | None) -> int:
+def stage1_cached_steps(steps: int | None, minutes: float | None) -> int:
     """Stage 1's cached steps for a budget: the recipe's share of ``--steps`` (so the last steps still train the
     ``[IMG]`` embeddings), none for ``--minutes`` (the budget's last steps are not known in advance)."""
     r = RECIPE["stage1"]
@@ -166,7 +166,7 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
         model = build_m2chat(fused, pipeline, config, gate_mode=r["gate_mode"], seed=seed)
         result = train_stage1(model, tokenizer, train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
                               lambda_seq=r["lambda_seq"], lambda_pooled=r["lambda_pooled"],
-                              diffusion_rows=r["diffusion_rows"], cached_steps=_cached_steps(steps, minutes),
+                              diffusion_rows=r["diffusion_rows"], cached_steps=stage1_cached_steps(steps, minutes),
                               out_dir=state_dir, device=device, progress=progress)
         seconds = time.perf_counter() - start
         if main:

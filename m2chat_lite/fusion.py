@@ -496,17 +496,20 @@ def save_fused(model: FusedLM, folder, lm_dir: str = "../lm", clip_dir: str = ".
         save_file(weights, tmp / FUSION_WEIGHTS)
         if lora:
             # peft records the base model's path; record where it lies relative to lora/, not this machine's
-            # absolute path, and leave out peft's empty model card
-            configs = model.lm.peft_config.values()
-            paths = [c.base_model_name_or_path for c in configs]
+            # absolute path, and leave out peft's empty model card. It keeps target_modules as a set and
+            # writes it in hash order: sorted, the same LoRA writes the same file every time
+            configs = list(model.lm.peft_config.values())
+            kept = [(c.base_model_name_or_path, c.target_modules) for c in configs]
             for c in configs:
                 c.base_model_name_or_path = str(Path("..") / lm_dir)
+                if isinstance(c.target_modules, (set, list, tuple)):
+                    c.target_modules = sorted(c.target_modules)
             try:
                 with quiet():
                     model.lm.save_pretrained(tmp / LORA_DIR, save_embedding_layers=False)  # LoRA only
             finally:
-                for c, path in zip(configs, paths):
-                    c.base_model_name_or_path = path
+                for c, (path, targets) in zip(configs, kept):
+                    c.base_model_name_or_path, c.target_modules = path, targets
             (tmp / LORA_DIR / "README.md").unlink(missing_ok=True)
     return save_folder(folder, write)
 

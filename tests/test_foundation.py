@@ -88,11 +88,11 @@ def test_the_shipped_weights_stay_within_the_budget():
 
 
 def test_a_shorter_stage1_budget_keeps_the_recipes_share_of_cached_steps():
-    from m2chat_lite.foundation import RECIPE, _cached_steps
+    from m2chat_lite.foundation import RECIPE, stage1_cached_steps
 
     r = RECIPE["stage1"]
     assert 0 < r["cached_steps"] < r["steps"]  # the last steps train the [IMG] embeddings through the LM
-    assert _cached_steps(None, None) == r["cached_steps"]
-    assert _cached_steps(r["steps"] // 10, None) == r["cached_steps"] // 10
-    assert _cached_steps(1, None) == 0  # one step: a plain one
-    assert _cached_steps(None, 5.0) == 0  # a time budget has no known last steps: plain steps only
+    assert stage1_cached_steps(None, None) == r["cached_steps"]
+    assert stage1_cached_steps(r["steps"] // 10, None) == r["cached_steps"] // 10
+    assert stage1_cached_steps(1, None) == 0  # one step: a plain one
+    assert stage1_cached_steps(None, 5.0) == 0  # a time budget has no known last steps: plain steps only

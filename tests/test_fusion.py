@@ -1,5 +1,7 @@
 """Multimodal prompt fusion (fusion.py): projector, <image> slots, the zero-init gate, training, answering."""
 
+import json
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -186,7 +188,14 @@ def test_save_and_load_round_trip_shares_the_lm_and_clip_folders(tok, clip, tmp_
     fusion.save_fused(model, tmp_path / "fusion")
     assert sorted(p.name for p in (tmp_path / "fusion").iterdir()) == ["fusion.safetensors", "fusion_config.json", "lora"]
     assert not (tmp_path / "fusion" / "lora" / "README.md").exists()
-    assert str(tmp_path) not in (tmp_path / "fusion" / "lora" / "adapter_config.json").read_text()
+    lora_config = (tmp_path / "fusion" / "lora" / "adapter_config.json").read_text()
+    assert str(tmp_path) not in lora_config
+    # peft keeps target_modules as a set: written sorted, so saving the same LoRA again writes the same file
+    targets = json.loads(lora_config)["target_modules"]
+    assert targets == sorted(targets) and set(targets) == set(model.lm.peft_config["default"].target_modules)
+    assert isinstance(model.lm.peft_config["default"].target_modules, set)  # put back as peft had it
+    fusion.save_fused(model, tmp_path / "fusion")
+    assert (tmp_path / "fusion" / "lora" / "adapter_config.json").read_text() == lora_config
     again, tok2 = fusion.load_fused(tmp_path / "fusion")
     item = fusion.encode_with_pictures(tok, vqa(1)[0], 4, 32)
     with torch.no_grad():
