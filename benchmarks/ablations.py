@@ -10,8 +10,10 @@ Each variant starts from the shipped fused LM and generator, trains on a CPU bud
 with ``--steps`` of stage 1. ``--kind m3ft`` writes ``benchmarks/m3ft_variants.json`` (stage 1 only,
 stage 2 only, both stages, both stages with stage 2 on the LM loss alone, one joint stage with
 ``max(steps, stage2-steps)`` steps), scored on the written
-side too (``--questions`` visual questions). The runs are short on purpose: compare the rows with each
-other, not with the shipped system (3,000 + 800 steps). ``--only`` reruns some M³FT variants after a change
+side too (``--questions`` visual questions). Every variant trains with the recipe's settings
+(``foundation.RECIPE``: its learning rates, the diffusion term's rows, stage 1's share of cached steps), so it
+differs from the recipe only where its name says. ``--steps 1500 --stage2-steps 300`` is the shipped budget;
+shorter runs are comparable with each other, not with the shipped system. ``--only`` reruns some M³FT variants after a change
 that touches only them and keeps the file's other rows (the file's ``meta.rerun`` says which and how).
 """
 
