@@ -96,3 +96,22 @@ def test_a_shorter_stage1_budget_keeps_the_recipes_share_of_cached_steps():
     assert stage1_cached_steps(r["steps"] // 10, None) == r["cached_steps"] // 10
     assert stage1_cached_steps(1, None) == 0  # one step: a plain one
     assert stage1_cached_steps(None, 5.0) == 0  # a time budget has no known last steps: plain steps only
+
+
+@pytest.mark.slow  # scores the generator on the benchmark's 400 captions twice, as the recipe does: about 3 minutes
+def test_the_generator_stage_polishes_after_its_first_phase_and_records_both(tmp_path):
+    import shutil
+
+    from m2chat_lite.diffusion import TinyDiffusionPipeline
+    from m2chat_lite.foundation import REFERENCE_DIR, RECIPE, diffusion_polish_steps
+
+    r = RECIPE["diffusion"]
+    assert diffusion_polish_steps(None, None) == r["polish"]["steps"]
+    assert diffusion_polish_steps(None, 5.0) == 0  # a time budget goes to the first phase
+    assert diffusion_polish_steps(3, None) == 0 and diffusion_polish_steps(7, None) == 2
+    shutil.copytree(REFERENCE_DIR / "clip", tmp_path / "clip")
+    record = run_stage("diffusion", tmp_path, steps=7, progress=False)
+    assert record["steps"] == 7 + 2 and record["recipe"]["polish"]["max_objects"] == 2
+    loaded = TinyDiffusionPipeline.from_pretrained(tmp_path / "diffusion")
+    assert loaded.defaults["polish"]["steps"] == 2 and loaded.defaults["recipe"]["max_objects"] == 3
+    assert not (tmp_path / ".state" / "diffusion").exists()
