@@ -4,7 +4,7 @@
     python benchmarks/clip_probe.py --clip data/checkpoints/tiny/clip --fusion data/checkpoints/tiny/fusion --json OUT
 
 Everything downstream inherits what the CLIP keeps: the generator (notebook 04) draws from its text
-encoder's states, the fused LM (notebook 05) reads its vision features. Two measurements:
+encoder's states, the fused LM (notebook 05) reads its vision features. Three measurements:
 
 1. **Text.** The cosine similarity of the pooled text embedding of a caption with the same caption with one
    attribute changed (another cell, colour, size or shape). Near 1 means the encoder can barely say which:
@@ -16,6 +16,10 @@ encoder's states, the fused LM (notebook 05) reads its vision features. Two meas
    projector does; a probe per cell reads more (``M2CHAT_RECIPE.md``: 99% of shapes linearly at layer 0),
    because each cell then has its own readout. With ``--fusion``, the same probes on the visual tokens the
    trained projector hands the LM.
+3. **Binding.** Two-object scenes with one attribute swapped between the objects ("a red circle … and a
+   blue square …" against "a blue circle … and a red square …"): how often the picture scores its own
+   caption above the swapped one, and the cosine of the two captions' pooled embeddings. A bag-of-words
+   encoder cannot tell them apart (50%, cosine 1); the generator can only draw two objects right if it can.
 
 Probes are trained full-batch with Adam on ``--train`` scenes and scored on ``--test`` others; chance is 33%
 for shape, 17% for colour, 50% for size. About 30 s on one thread.
@@ -34,9 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from m2chat_lite.data import image_to_tensor
-from m2chat_lite.encoders import encode_text, load_clip
+from dataclasses import replace
+
+from m2chat_lite.encoders import encode_text, load_clip, similarity
 from m2chat_lite.fusion import pool_patches
 from m2chat_lite.utils import atomic_write_json
+from m2chat_lite.world.captions import caption
 from m2chat_lite.world.scene import COLORS, GRID, SHAPES, SIZES, Scene, random_scene, render
 
 ATTRIBUTES = {"shape": SHAPES, "color": tuple(COLORS), "size": SIZES}
@@ -55,6 +62,34 @@ def text_similarities(clip, tokenizer) -> dict[str, float]:
     _, pooled = encode_text(clip, tokenizer, [BASE_CAPTION, *CHANGED.values()])
     pooled = F.normalize(pooled.float(), dim=-1)
     return {name: round(float(pooled[0] @ pooled[i + 1]), 3) for i, name in enumerate(CHANGED)}
+
+
+def swapped(scene: Scene, attribute: str) -> Scene | None:
+    """``scene`` (two objects) with ``attribute`` exchanged between its objects; None if they share it."""
+    a, b = scene
+    if getattr(a, attribute) == getattr(b, attribute):
+        return None
+    return Scene((replace(a, **{attribute: getattr(b, attribute)}), replace(b, **{attribute: getattr(a, attribute)})))
+
+
+@torch.no_grad()
+def binding(clip, tokenizer, scenes: list[Scene], size: int) -> dict[str, dict[str, float]]:
+    """``{attribute: {"picture picks its caption": rate, "pooled cosine": mean, "n": pairs}}`` over the
+    two-object ``scenes`` whose objects differ in that attribute (canonical captions)."""
+    table = {}
+    for attribute in ATTRIBUTES:
+        pairs = [(s, t) for s in scenes if len(s) == 2 and (t := swapped(s, attribute)) is not None]
+        if not pairs:
+            continue
+        own, other = [caption(s) for s, _ in pairs], [caption(t) for _, t in pairs]
+        sims = similarity(clip, tokenizer, pictures([s for s, _ in pairs], size), own + other)
+        n = len(pairs)
+        picks = sims[torch.arange(n), torch.arange(n)] > sims[torch.arange(n), torch.arange(n) + n]
+        _, pooled = encode_text(clip, tokenizer, own + other)
+        pooled = F.normalize(pooled.float(), dim=-1)
+        table[attribute] = {"picture picks its caption": round(float(picks.float().mean()), 3),
+                            "pooled cosine": round(float((pooled[:n] * pooled[n:]).sum(-1).mean()), 3), "n": n}
+    return table
 
 
 def random_scenes(n: int, seed: int) -> list[Scene]:
@@ -121,6 +156,9 @@ def main(argv=None) -> dict:
 
     text_key = f"text cosine to '{BASE_CAPTION}'"
     results: dict = {"clip": str(args.clip), text_key: text_similarities(clip, tokenizer)}
+    rng = random.Random(2)
+    two_objects = [random_scene(rng, 2, split="any") for _ in range(args.test)]
+    results["binding (two objects, one attribute swapped)"] = binding(clip, tokenizer, two_objects, size)
     @torch.no_grad()
     def hidden_states(scenes):  # the vision encoder once per scene set, every layer kept
         return clip.vision_model(pixel_values=pictures(scenes, size), output_hidden_states=True).hidden_states
@@ -142,10 +180,14 @@ def main(argv=None) -> dict:
     print(f"text: cosine of the pooled embedding of '{BASE_CAPTION}' with one attribute changed")
     for name, value in results[text_key].items():
         print(f"  {name:<20} {value:6.3f}")
+    print(f"\nbinding: {args.test} two-object scenes, one attribute swapped between the objects")
+    for attribute, row in results["binding (two objects, one attribute swapped)"].items():
+        print(f"  {attribute:<8} picture picks its own caption {row['picture picks its caption']:6.1%}, "
+              f"pooled cosine of the two captions {row['pooled cosine']:.3f} ({row['n']} pairs)")
     print(f"\nprobes: an object's attribute read from the feature of its cell ({args.test} test scenes)")
     print(f"  {'features':<22}" + "".join(f"{a + ' ' + k:>14}" for a in ATTRIBUTES for k in ("linear", "mlp")))
     for name, table in results.items():
-        if isinstance(table, dict) and "shape" in table:
+        if isinstance(table, dict) and "linear" in table.get("shape", {}):
             print(f"  {name:<22}" + "".join(f"{table[a][k]:>14.1%}" for a in ATTRIBUTES for k in ("linear", "mlp")))
     if args.json is not None:
         atomic_write_json(args.json, {**results, "command": " ".join(["python", *sys.argv])})

@@ -40,6 +40,13 @@ def test_each_object_is_read_from_its_own_cell():
     assert x.argmax(-1).tolist() == [2, 7] and y.tolist() == [1, 0]  # square, circle
 
 
+def test_swapping_an_attribute_exchanges_it_between_the_two_objects():
+    scene = Scene((Obj(0, 2, "square", "blue", "small"), Obj(2, 1, "circle", "red", "small")))
+    colours = clip_probe.swapped(scene, "color")
+    assert [(o.cell, o.shape, o.color) for o in colours] == [((0, 2), "square", "red"), ((2, 1), "circle", "blue")]
+    assert clip_probe.swapped(scene, "size") is None  # both small: nothing to swap
+
+
 def test_a_probe_reads_a_plain_signal_and_not_noise():
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 3, (300,), generator=g)
@@ -61,6 +68,9 @@ def test_main_prints_and_writes_every_table(clip_dir, tmp_path, capsys):
         assert all(0 <= v <= 1 for table in results[layer].values() for v in table.values())
     # colour is plain in the patch embeddings of any CLIP, even an untrained one: far above chance (1/6)
     assert results["vision layer 0"]["color"]["linear"] > 0.5
+    bound = results["binding (two objects, one attribute swapped)"]
+    assert set(bound) == {"shape", "color", "size"} and all(0 < row["n"] <= 60 for row in bound.values())
+    assert all(0 <= row["picture picks its caption"] <= 1 for row in bound.values())
     assert json.loads(out.read_text())["vision layer 0"] == results["vision layer 0"]
     printed = capsys.readouterr().out
     assert "shape (square)" in printed and "vision layer -1" in printed
