@@ -35,6 +35,13 @@ DEFAULT_DIR = DATA_DIR / "benchmark"
 COMMAND = "m2chat-lite data --benchmark"
 
 
+def training_seed(step: int, seed: int = 0) -> int:
+    """The data seed of training batch ``step`` of a run seeded ``seed``: distinct per step and never the
+    benchmark's, so a batch drawn fresh for every step never repeats the benchmark's scenes by seed."""
+    value = 1_000_003 * (seed + 1) + step
+    return value if value != BENCHMARK_SEED else value + 7_919_000_000
+
+
 def benchmark_samples(task: str) -> list[Sample]:
     """The benchmark's samples for ``task``, generated (not read): the test part, then the held-out part."""
     n_test, n_heldout = BENCHMARK_COUNTS[task]

@@ -60,7 +60,7 @@ UNET_DIR, SCHEDULER_DIR, TEXT_ENCODER_DIR = "unet", "scheduler", "text_encoder"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SAMPLERS = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}
 # Training data is drawn from seeds derived from the step; this one is reserved for the benchmark.
-from .benchmark import BENCHMARK_SEED  # noqa: E402  (after the names above: benchmark imports nothing of ours)
+from .benchmark import BENCHMARK_SEED, training_seed  # noqa: E402  (after the names above: benchmark imports nothing of ours)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,9 +591,9 @@ def reference_pipeline_dir(preset: str = "tiny") -> Path:
 
 
 def batch_seed(step: int, data_seed: int = 0) -> int:
-    """The ``caption_pairs`` seed of training step ``step``: distinct per step, never the benchmark's."""
-    seed = 1_000_003 * (data_seed + 1) + step
-    return seed if seed != BENCHMARK_SEED else seed + 7_919_000_000
+    """The ``caption_pairs`` seed of training step ``step``: distinct per step, never the benchmark's
+    (:func:`m2chat_lite.benchmark.training_seed`)."""
+    return training_seed(step, data_seed)
 
 
 class CaptionEmbeddingBatches:

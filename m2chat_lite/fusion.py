@@ -46,6 +46,7 @@ from torch import nn
 from .data import Sample, image_to_tensor, load_image
 from .tokenizer import END_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, encode_chat, image_gen_tokens, num_image_tokens
 from .training import TrainConfig, TrainResult, train
+from .benchmark import training_seed
 from .utils import DATA_DIR
 from .world.samples import make_samples
 
@@ -391,20 +392,37 @@ def cached_batches(pool_size: int, batch_size: int, seed: int, encode, collate_i
 
 
 def vqa_batches(tokenizer, tokens_per_image: int, batch_size: int, image_size: int = 32, seed: int = 0,
-                pool_size: int = 20_000):
-    """Batches of training visual questions drawn from a pool of ``pool_size`` (see :func:`sample_batches`)."""
+                pool_size: int | None = 20_000):
+    """``make_batch(step)`` of training visual questions: drawn from a pool of ``pool_size`` questions made
+    once (see :func:`sample_batches`), or, with ``pool_size=None``, ``batch_size`` new questions about new
+    pictures for every step (``training_seed(step, seed)``), so no question is ever seen twice. Making and
+    encoding 128 of them takes about 20 ms, a few percent of a training step."""
+    if pool_size is None:
+        def make_batch(step: int) -> dict:
+            samples = make_samples("vqa", batch_size, seed=training_seed(step, seed), split="train",
+                                   image_size=image_size)
+            return collate([encode_with_pictures(tokenizer, s, tokens_per_image, image_size) for s in samples],
+                           tokenizer.pad_token_id)
+        return make_batch
+    if not isinstance(pool_size, int) or pool_size < batch_size:
+        raise ValueError(f"pool_size must be an int of at least the batch size ({batch_size}), or None for new "
+                         f"questions every step; got {pool_size!r}")
     samples = make_samples("vqa", pool_size, seed=seed, split="train", image_size=image_size)
     return sample_batches(tokenizer, samples, tokens_per_image, batch_size, image_size, seed)
 
 
 def train_fusion(model: FusedLM, tokenizer, train_config: TrainConfig, batch_size: int = 32,
                  image_size: int = 32, out_dir=None, device: str = "cpu", progress: bool = True,
-                 groups: Sequence[str] = ("projector", "gate", "lora")) -> TrainResult:
+                 groups: Sequence[str] = ("projector", "gate", "lora"), pool_size: int | None = 20_000
+                 ) -> TrainResult:
     """Teach ``model`` to answer ShapeWorld visual questions: train ``groups`` (the rest frozen) on the
-    assistant's answers with the shared loop (``training.train``). The history records ``tanh(gate)``."""
+    assistant's answers with the shared loop (``training.train``). The history records ``tanh(gate)``.
+    ``pool_size``: how many training questions to draw the batches from (``None``: new ones every step;
+    see :func:`vqa_batches`)."""
     set_trainable(model, groups)
     model.to(device)
-    make_batch = vqa_batches(tokenizer, model.tokens_per_image, batch_size, image_size, seed=train_config.seed)
+    make_batch = vqa_batches(tokenizer, model.tokens_per_image, batch_size, image_size, seed=train_config.seed,
+                             pool_size=pool_size)
     return train(model, lambda batch: fusion_loss(model, batch), make_batch, train_config, out_dir=out_dir,
                  device=device, progress=progress, description="prompt fusion",
                  log_extra=lambda: {"gate": model.gate_value()})

@@ -155,6 +155,28 @@ def test_training_opens_the_gate_lowers_the_loss_and_leaves_frozen_weights_alone
         assert torch.equal(dict(model.named_parameters())[name], before), name
 
 
+def test_fresh_question_batches_are_new_every_step_and_the_same_for_the_same_step(tok):
+    make_batch = fusion.vqa_batches(tok, tokens_per_image=4, batch_size=6, pool_size=None, seed=3)
+    first, again, second = make_batch(0), make_batch(0), make_batch(1)
+    for key in ("input_ids", "labels", "pixel_values"):  # a resumed run sees the same batch for the same step
+        assert torch.equal(first[key], again[key]), key
+    assert first["input_ids"].shape[0] == 6 and first["pixel_values"].shape == (6, 3, 32, 32)
+    assert (first["labels"] != IGNORE_INDEX).any(dim=1).all()  # every row has an answer to learn
+    assert not torch.equal(first["pixel_values"], second["pixel_values"])  # new pictures, not a pool's
+    # a step's questions are exactly make_samples at that step's training seed, which is never the benchmark's
+    from m2chat_lite.benchmark import BENCHMARK_SEED, training_seed
+    expected = fusion.collate([fusion.encode_with_pictures(tok, s, 4, 32) for s in
+                               make_samples("vqa", 6, seed=training_seed(1, 3))], tok.pad_token_id)
+    assert torch.equal(second["input_ids"], expected["input_ids"])
+    assert all(training_seed(step, seed) != BENCHMARK_SEED for seed in range(3)
+               for step in (0, 1, BENCHMARK_SEED - 1_000_003, BENCHMARK_SEED - 2_000_006))
+
+
+def test_a_question_pool_smaller_than_a_batch_is_refused(tok):
+    with pytest.raises(ValueError, match="pool_size"):
+        fusion.vqa_batches(tok, tokens_per_image=4, batch_size=8, pool_size=4)
+
+
 def test_left_padded_batches_count_positions_from_the_first_real_token(tok):
     items = [{"input_ids": [1, 2, 3], "labels": None, "pixel_values": torch.zeros(0, 3, 32, 32)},
              {"input_ids": [4], "labels": [4], "pixel_values": torch.zeros(0, 3, 32, 32)}]
