@@ -19,14 +19,14 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from . import __version__
 from .benchmark import load_benchmark
-from .config import get_config
+from .config import M2ChatConfig, get_config
 from .data import image_to_tensor
 from .training import TrainConfig, data_parallel, wait_for_everyone
 from .utils import DATA_DIR, atomic_write_json, get_device, set_seed
@@ -47,7 +47,7 @@ RECIPE = {
                   "polish": {"steps": 400, "lr": 5e-4, "warmup_steps": 20, "ema_decay": 0.99, "max_objects": 2,
                              "data_seed": 7}},
     "fusion": {"steps": 3000, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
-               "tokens_per_image": 9, "lora_rank": 16, "pool_last": True},
+               "tokens_per_image": 9, "lora_rank": 16, "pool_last": True, "pool_size": 20_000},
     # M³FT. `diffusion_rows`: how many rows of each batch the diffusion term sees (None: all; 0: none).
     # `cached_steps`: stage 1's first steps train the adapter alone on the frozen parts' outputs, computed once
     # (m3ft.train_stage1); the last 100 train the [IMG] embeddings too (benchmarks/M2CHAT_RECIPE.md, "Fitting 15
@@ -105,6 +105,180 @@ def clip_metrics(clip, tokenizer, device: str = "cpu") -> dict:
     return metrics
 
 
+@dataclass(frozen=True)
+class StageRun:
+    """What every stage's trainer gets: the budget, where to write, and whether this process saves."""
+
+    stage: str
+    out_dir: Path
+    config: M2ChatConfig
+    train_config: TrainConfig
+    steps: int | None
+    minutes: float | None
+    seed: int
+    device: str
+    progress: bool
+    grad_accum_steps: int
+
+    @property
+    def state_dir(self) -> Path:
+        """The stage's training state while it runs (resume from here; deleted when the stage is done)."""
+        return self.out_dir / ".state" / self.stage
+
+
+# Each stage's trainer trains (every process) and returns ``(result, finish)``: ``finish()``, called on process 0
+# alone after the clock stops, saves the stage's folder and returns its metrics for the manifest.
+
+
+def _train_clip_stage(run: StageRun):
+    from .backbone import build_tokenizer
+    from .encoders import save_clip, train_clip
+
+    r = RECIPE["clip"]
+    tokenizer = build_tokenizer(run.config)
+    clip, result = train_clip(run.config, tokenizer, run.train_config, batch_size=r["batch_size"],
+                              moved_fraction=r["moved_fraction"], reshaped_fraction=r["reshaped_fraction"],
+                              out_dir=run.state_dir, device=run.device, progress=run.progress)
+
+    def finish() -> dict:
+        metrics = clip_metrics(clip, tokenizer, run.device)
+        save_clip(clip, tokenizer, run.out_dir / "clip")
+        return metrics
+
+    return result, finish
+
+
+def _train_lm_stage(run: StageRun):
+    from .backbone import benchmark_perplexity, build_tokenizer, save_lm, train_lm
+
+    tokenizer = build_tokenizer(run.config)
+    model, result = train_lm(run.config, tokenizer, run.train_config, out_dir=run.state_dir, device=run.device,
+                             progress=run.progress, rows=RECIPE["lm"]["rows"], n_per_task=RECIPE["lm"]["n_per_task"])
+
+    def finish() -> dict:
+        metrics = benchmark_perplexity(model, tokenizer, split="test", device=run.device)
+        save_lm(model, tokenizer, run.out_dir / "lm")
+        return metrics
+
+    return result, finish
+
+
+def _train_diffusion_stage(run: StageRun):
+    from .diffusion import DiffusionRecipe, TinyDiffusionPipeline, evaluate_generator, train_diffusion
+    from .encoders import load_clip
+
+    clip, tokenizer = load_clip(run.out_dir / "clip", device=run.device)
+    pipeline, result = train_diffusion(run.config, clip, tokenizer, run.train_config, out_dir=run.state_dir,
+                                       device=run.device, progress=run.progress)
+    polish_steps = diffusion_polish_steps(run.steps, run.minutes)
+    if polish_steps:  # phase 2 continues from phase 1's EMA weights, with its own state (so it resumes too)
+        p = RECIPE["diffusion"]["polish"]
+        recipe = DiffusionRecipe(single_object_steps=0, max_objects=p["max_objects"], data_seed=p["data_seed"])
+        polish_config = TrainConfig(max_steps=polish_steps, lr=p["lr"], warmup_steps=p["warmup_steps"],
+                                    weight_decay=RECIPE["diffusion"]["weight_decay"], ema_decay=p["ema_decay"],
+                                    seed=run.seed, log_every=25, checkpoint_every=100,
+                                    grad_accum_steps=run.grad_accum_steps)
+        pipeline, polished = train_diffusion(run.config, clip, tokenizer, polish_config,
+                                             out_dir=run.state_dir / "polish", device=run.device, recipe=recipe,
+                                             unet=pipeline.unet, progress=run.progress)
+        pipeline.defaults["recipe"] = asdict(DiffusionRecipe())  # the first phase's; the second is in "polish"
+        pipeline.defaults["polish"] = {**p, "steps": polished.steps}
+        result = replace(result, steps=result.steps + polished.steps, seconds=result.seconds + polished.seconds,
+                         history=result.history + [{**h, "step": result.steps + h["step"], "phase": "polish"}
+                                                   for h in polished.history])
+
+    def finish() -> dict:
+        # Shipped in float16 (half the bytes), sharing the CLIP folder beside it; scored as shipped and
+        # in float32, so the manifest shows what half precision costs.
+        pipeline.save_pretrained(run.out_dir / "diffusion", text_encoder_dir="../clip", dtype=torch.float16)
+        shipped = TinyDiffusionPipeline.from_pretrained(run.out_dir / "diffusion", device=run.device)
+        captions = load_benchmark("caption")
+        return {"shipped (float16 weights)": _scores(evaluate_generator(shipped, captions)),
+                "float32 weights": _scores(evaluate_generator(pipeline, captions))}
+
+    return result, finish
+
+
+def _train_fusion_stage(run: StageRun):
+    from .backbone import load_lm
+    from .encoders import load_clip
+    from .fusion import build_fused_lm, save_fused, train_fusion, vqa_accuracy
+
+    r = RECIPE["fusion"]
+    lm, tokenizer = load_lm(run.out_dir / "lm", device=run.device)
+    clip, _ = load_clip(run.out_dir / "clip", device=run.device)
+    model = build_fused_lm(lm, clip, tokenizer, tokens_per_image=r["tokens_per_image"], lora_rank=r["lora_rank"],
+                           seed=run.seed, pool_last=r.get("pool_last", False))
+    result = train_fusion(model, tokenizer, run.train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
+                          out_dir=run.state_dir, device=run.device, progress=run.progress)
+
+    def finish() -> dict:
+        metrics = {split: {k: v for k, v in vqa_accuracy(model, tokenizer, load_benchmark("vqa", split=split)).items()
+                           if k != "replies"} for split in ("test", "heldout")}
+        metrics["gate"] = model.gate_value()
+        save_fused(model, run.out_dir / "fusion")
+        return metrics
+
+    return result, finish
+
+
+def _train_stage1(run: StageRun):
+    from .diffusion import TinyDiffusionPipeline, evaluate_generator
+    from .fusion import load_fused
+    from .m3ft import build_m2chat, evaluate_alignment, load_system, save_system, train_stage1
+
+    r = RECIPE["stage1"]
+    fused, tokenizer = load_fused(run.out_dir / "fusion", device=run.device)
+    pipeline = TinyDiffusionPipeline.from_pretrained(run.out_dir / "diffusion", device=run.device)
+    model = build_m2chat(fused, pipeline, run.config, gate_mode=r["gate_mode"], seed=run.seed)
+    result = train_stage1(model, tokenizer, run.train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
+                          lambda_seq=r["lambda_seq"], lambda_pooled=r["lambda_pooled"],
+                          diffusion_rows=r["diffusion_rows"], cached_steps=stage1_cached_steps(run.steps, run.minutes),
+                          out_dir=run.state_dir, device=run.device, progress=run.progress)
+
+    def finish() -> dict:
+        # Shipped with the adapter in float16 (half the bytes); scored as shipped, and in float32 beside it
+        save_system(model, run.out_dir / "stage1", record={"stage": "stage1", "steps": result.steps},
+                    adapter_dtype=torch.float16)
+        shipped, _, _ = load_system(run.out_dir / "stage1", device=run.device)
+        captions = load_benchmark("caption")
+        return {"LM -> adapter -> generator": _scores(evaluate_alignment(shipped, tokenizer, pipeline, captions)),
+                "same, float32 adapter": _scores(evaluate_alignment(model, tokenizer, pipeline, captions)),
+                "teacher text encoder -> generator": _scores(evaluate_generator(pipeline, captions))}
+
+    return result, finish
+
+
+def _train_stage2(run: StageRun):
+    from .m3ft import evaluate_alignment, load_system, save_system, stage2_metrics, train_stage2
+
+    r = RECIPE["stage2"]
+    if not (run.out_dir / "stage1" / "m2chat.json").is_file():
+        raise FileNotFoundError(f"{run.out_dir} holds no stage-1 system; run `m2chat-lite train --stage stage1 "
+                                f"--out {run.out_dir}` first")
+    model, tokenizer, pipeline = load_system(run.out_dir / "stage1", device=run.device)
+    result = train_stage2(model, tokenizer, run.train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
+                          alignment_weight=r["alignment_weight"], alignment_batch_size=r["alignment_batch_size"],
+                          diffusion_rows=r["diffusion_rows"], out_dir=run.state_dir, device=run.device,
+                          progress=run.progress)
+
+    def finish() -> dict:
+        metrics = stage2_metrics(model, tokenizer, pipeline)
+        # stage 2 must not undo stage 1: the pictures drawn through the stage-2 LM, scored as in stage 1
+        metrics["LM -> adapter -> generator"] = _scores(
+            evaluate_alignment(model, tokenizer, pipeline, load_benchmark("caption")))
+        # stage 2 leaves the adapter as stage 1 made it: the stage-2 system points at stage 1's
+        save_system(model, run.out_dir / "stage2", record={"stage": "stage2", "steps": result.steps},
+                    adapter_dir="../stage1/adapter")
+        return metrics
+
+    return result, finish
+
+
+TRAINERS = {"clip": _train_clip_stage, "lm": _train_lm_stage, "diffusion": _train_diffusion_stage,
+            "fusion": _train_fusion_stage, "stage1": _train_stage1, "stage2": _train_stage2}
+
+
 def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | None = None, seed: int = 0,
               device: str | None = None, progress: bool = True, grad_accum_steps: int = 1) -> dict:
     """Train one stage into ``out_dir/<stage>``, measure it, record it in the manifest; returns the record.
@@ -120,130 +294,16 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
         raise ValueError(f"the budget must be positive; got --minutes {minutes}")
     out_dir = Path(out_dir)
     rank, world = data_parallel()  # first, so that each process of a multi-GPU run takes its own GPU
-    main, metrics = rank == 0, None
-    device = get_device(device)
-    config = get_config("tiny", seed=seed)
-    state_dir = out_dir / ".state" / stage
-    train_config = _train_config(stage, steps, minutes, seed, grad_accum_steps)
+    main = rank == 0
+    run = StageRun(stage, out_dir, get_config("tiny", seed=seed),
+                   _train_config(stage, steps, minutes, seed, grad_accum_steps), steps, minutes, seed,
+                   get_device(device), progress, grad_accum_steps)
     set_seed(seed)
     start = time.perf_counter()
-    if stage == "clip":
-        from .backbone import build_tokenizer
-        from .encoders import save_clip, train_clip
-
-        tokenizer = build_tokenizer(config)
-        clip, result = train_clip(config, tokenizer, train_config, batch_size=RECIPE["clip"]["batch_size"],
-                                  moved_fraction=RECIPE["clip"]["moved_fraction"],
-                                  reshaped_fraction=RECIPE["clip"]["reshaped_fraction"],
-                                  out_dir=state_dir, device=device, progress=progress)
-        seconds = time.perf_counter() - start
-        if main:
-            metrics = clip_metrics(clip, tokenizer, device)
-            save_clip(clip, tokenizer, out_dir / "clip")
-    elif stage == "lm":
-        from .backbone import benchmark_perplexity, build_tokenizer, save_lm, train_lm
-
-        tokenizer = build_tokenizer(config)
-        model, result = train_lm(config, tokenizer, train_config, out_dir=state_dir, device=device, progress=progress,
-                                 rows=RECIPE["lm"]["rows"], n_per_task=RECIPE["lm"]["n_per_task"])
-        seconds = time.perf_counter() - start
-        if main:
-            metrics = benchmark_perplexity(model, tokenizer, split="test", device=device)
-            save_lm(model, tokenizer, out_dir / "lm")
-    elif stage == "fusion":
-        from .backbone import load_lm
-        from .encoders import load_clip
-        from .fusion import build_fused_lm, save_fused, train_fusion, vqa_accuracy
-
-        r = RECIPE["fusion"]
-        lm, tokenizer = load_lm(out_dir / "lm", device=device)
-        clip, _ = load_clip(out_dir / "clip", device=device)
-        model = build_fused_lm(lm, clip, tokenizer, tokens_per_image=r["tokens_per_image"], lora_rank=r["lora_rank"],
-                               seed=seed, pool_last=r.get("pool_last", False))
-        result = train_fusion(model, tokenizer, train_config, batch_size=r["batch_size"], out_dir=state_dir,
-                              device=device, progress=progress)
-        seconds = time.perf_counter() - start
-        if main:
-            metrics = {split: {k: v for k, v in
-                               vqa_accuracy(model, tokenizer, load_benchmark("vqa", split=split)).items()
-                               if k != "replies"} for split in ("test", "heldout")}
-            metrics["gate"] = model.gate_value()
-            save_fused(model, out_dir / "fusion")
-    elif stage == "stage1":
-        from .diffusion import TinyDiffusionPipeline, evaluate_generator
-        from .fusion import load_fused
-        from .m3ft import build_m2chat, evaluate_alignment, load_system, save_system, train_stage1
-
-        r = RECIPE["stage1"]
-        fused, tokenizer = load_fused(out_dir / "fusion", device=device)
-        pipeline = TinyDiffusionPipeline.from_pretrained(out_dir / "diffusion", device=device)
-        model = build_m2chat(fused, pipeline, config, gate_mode=r["gate_mode"], seed=seed)
-        result = train_stage1(model, tokenizer, train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
-                              lambda_seq=r["lambda_seq"], lambda_pooled=r["lambda_pooled"],
-                              diffusion_rows=r["diffusion_rows"], cached_steps=stage1_cached_steps(steps, minutes),
-                              out_dir=state_dir, device=device, progress=progress)
-        seconds = time.perf_counter() - start
-        if main:
-            # Shipped with the adapter in float16 (half the bytes); scored as shipped, and in float32 beside it
-            save_system(model, out_dir / "stage1", record={"stage": "stage1", "steps": result.steps},
-                        adapter_dtype=torch.float16)
-            shipped, _, _ = load_system(out_dir / "stage1", device=device)
-            captions = load_benchmark("caption")
-            metrics = {"LM -> adapter -> generator":
-                       _scores(evaluate_alignment(shipped, tokenizer, pipeline, captions)),
-                       "same, float32 adapter": _scores(evaluate_alignment(model, tokenizer, pipeline, captions)),
-                       "teacher text encoder -> generator": _scores(evaluate_generator(pipeline, captions))}
-    elif stage == "stage2":
-        from .m3ft import evaluate_alignment, load_system, save_system, stage2_metrics, train_stage2
-
-        r = RECIPE["stage2"]
-        if not (out_dir / "stage1" / "m2chat.json").is_file():
-            raise FileNotFoundError(f"{out_dir} holds no stage-1 system; run `m2chat-lite train --stage stage1 "
-                                    f"--out {out_dir}` first")
-        model, tokenizer, pipeline = load_system(out_dir / "stage1", device=device)
-        result = train_stage2(model, tokenizer, train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
-                              alignment_weight=r["alignment_weight"], alignment_batch_size=r["alignment_batch_size"],
-                              diffusion_rows=r["diffusion_rows"], out_dir=state_dir, device=device, progress=progress)
-        seconds = time.perf_counter() - start
-        if main:
-            metrics = stage2_metrics(model, tokenizer, pipeline)
-            # stage 2 must not undo stage 1: the pictures drawn through the stage-2 LM, scored as in stage 1
-            metrics["LM -> adapter -> generator"] = _scores(
-                evaluate_alignment(model, tokenizer, pipeline, load_benchmark("caption")))
-            # stage 2 leaves the adapter as stage 1 made it: the stage-2 system points at stage 1's
-            save_system(model, out_dir / "stage2", record={"stage": "stage2", "steps": result.steps},
-                        adapter_dir="../stage1/adapter")
-    else:
-        from .diffusion import DiffusionRecipe, TinyDiffusionPipeline, evaluate_generator, train_diffusion
-        from .encoders import load_clip
-
-        clip, tokenizer = load_clip(out_dir / "clip", device=device)
-        pipeline, result = train_diffusion(config, clip, tokenizer, train_config, out_dir=state_dir, device=device,
-                                           progress=progress)
-        polish_steps = diffusion_polish_steps(steps, minutes)
-        if polish_steps:  # phase 2 continues from phase 1's EMA weights, with its own state (so it resumes too)
-            p = RECIPE["diffusion"]["polish"]
-            recipe = DiffusionRecipe(single_object_steps=0, max_objects=p["max_objects"], data_seed=p["data_seed"])
-            polish_config = TrainConfig(max_steps=polish_steps, lr=p["lr"], warmup_steps=p["warmup_steps"],
-                                        weight_decay=RECIPE["diffusion"]["weight_decay"], ema_decay=p["ema_decay"],
-                                        seed=seed, log_every=25, checkpoint_every=100,
-                                        grad_accum_steps=grad_accum_steps)
-            pipeline, polished = train_diffusion(config, clip, tokenizer, polish_config, out_dir=state_dir / "polish",
-                                                 device=device, recipe=recipe, unet=pipeline.unet, progress=progress)
-            pipeline.defaults["recipe"] = asdict(DiffusionRecipe())  # the first phase's; the second is in "polish"
-            pipeline.defaults["polish"] = {**p, "steps": polished.steps}
-            result = replace(result, steps=result.steps + polished.steps, seconds=result.seconds + polished.seconds,
-                             history=result.history + [{**h, "step": result.steps + h["step"], "phase": "polish"}
-                                                       for h in polished.history])
-        seconds = time.perf_counter() - start
-        if main:
-            # Shipped in float16 (half the bytes), sharing the CLIP folder beside it; scored as shipped and
-            # in float32, so the manifest shows what half precision costs.
-            pipeline.save_pretrained(out_dir / "diffusion", text_encoder_dir="../clip", dtype=torch.float16)
-            shipped = TinyDiffusionPipeline.from_pretrained(out_dir / "diffusion", device=device)
-            captions = load_benchmark("caption")
-            metrics = {"shipped (float16 weights)": _scores(evaluate_generator(shipped, captions)),
-                       "float32 weights": _scores(evaluate_generator(pipeline, captions))}
+    result, finish = TRAINERS[stage](run)
+    seconds = time.perf_counter() - start  # training alone: measuring and saving are not counted
+    metrics = finish() if main else None
+    state_dir, device = run.state_dir, run.device
     record = {
         "command": "m2chat-lite " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "m2chat-lite"
         else f"m2chat-lite train --preset tiny --stage {stage} --out {out_dir}",
