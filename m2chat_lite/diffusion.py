@@ -49,6 +49,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from . import __version__
 from .config import M2ChatConfig
+from .benchmark import training_seed  # training data's seeds: derived from the step, never the benchmark's
 from .data import image_to_tensor, tensor_to_image
 from .training import TrainConfig, TrainResult, train
 from .utils import DATA_DIR
@@ -59,8 +60,6 @@ PIPELINE_FILE = "pipeline.json"
 UNET_DIR, SCHEDULER_DIR, TEXT_ENCODER_DIR = "unet", "scheduler", "text_encoder"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SAMPLERS = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}
-# Training data is drawn from seeds derived from the step; this one is reserved for the benchmark.
-from .benchmark import BENCHMARK_SEED, training_seed  # noqa: E402  (after the names above: benchmark imports nothing of ours)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def clip_metrics(clip, tokenizer, device: str = "cpu") -> dict:
 
 @dataclass(frozen=True)
 class StageRun:
-    """What every stage's trainer gets: the budget, where to write, and whether this process saves."""
+    """What every stage's trainer gets: the budget, the seed, the device and where to write."""
 
     stage: str
     out_dir: Path
@@ -303,17 +303,16 @@ def run_stage(stage: str, out_dir, steps: int | None = None, minutes: float | No
     result, finish = TRAINERS[stage](run)
     seconds = time.perf_counter() - start  # training alone: measuring and saving are not counted
     metrics = finish() if main else None
-    state_dir, device = run.state_dir, run.device
     record = {
         "command": "m2chat-lite " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "m2chat-lite"
         else f"m2chat-lite train --preset tiny --stage {stage} --out {out_dir}",
         "package_version": __version__, "seed": seed, "steps": result.steps, "train_seconds": round(seconds, 1),
-        "device": device, "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "device": run.device, "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "recipe": RECIPE[stage], "final_loss": result.final_loss, "metrics": metrics,
         **({"processes": world, "grad_accum_steps": grad_accum_steps} if world * grad_accum_steps > 1 else {}),
     }
     if main:
-        shutil.rmtree(state_dir, ignore_errors=True)
+        shutil.rmtree(run.state_dir, ignore_errors=True)
         update_manifest(out_dir, stage, record)
     wait_for_everyone()  # the next stage, in any process, may load what process 0 just saved
     return record

@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .benchmark import training_seed
 from .data import Sample, image_to_tensor, load_image
 from .tokenizer import END_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, encode_chat, image_gen_tokens, num_image_tokens
 from .training import TrainConfig, TrainResult, train
-from .benchmark import training_seed
 from .utils import DATA_DIR
 from .world.samples import make_samples
 
