@@ -20,9 +20,17 @@ encoder's states, the fused LM (notebook 05) reads its vision features. Three me
    blue square …" against "a blue circle … and a red square …"): how often the picture scores its own
    caption above the swapped one, and the cosine of the two captions' pooled embeddings. A bag-of-words
    encoder cannot tell them apart (50%, cosine 1); the generator can only draw two objects right if it can.
+4. **Scene readout.** Can the whole scene be read back from the text encoder's output, and from which part of
+   it? A readout is trained on ``--readout-captions`` training captions to name what each of the nine cells
+   holds (empty, or the shape, colour and size of its object), once from the token sequence (nine learned
+   queries, one attention layer over the states: what a generator's cross-attention can do) and once from the
+   pooled embedding alone (an MLP: what a generator conditioned on it alone can do). Scored as the share of
+   fresh test captions whose nine cells are all read right, by object count. For the shipped CLIP the
+   pooled vector holds one object but not two: a generator that leans on it draws the attributes without
+   knowing which object has which (``DIFFUSION_RECIPE.md``).
 
 Probes are trained full-batch with Adam on ``--train`` scenes and scored on ``--test`` others; chance is 33%
-for shape, 17% for colour, 50% for size. About 30 s on one thread.
+for shape, 17% for colour, 50% for size. About 30 s on one thread, and about 2 minutes for the scene readouts.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from dataclasses import replace
 from m2chat_lite.encoders import encode_text, load_clip, similarity
 from m2chat_lite.fusion import pool_patches
 from m2chat_lite.utils import atomic_write_json
+from m2chat_lite.world import caption_pairs
 from m2chat_lite.world.captions import caption
 from m2chat_lite.world.scene import COLORS, GRID, SHAPES, SIZES, Scene, random_scene, render
 
@@ -89,6 +98,75 @@ def binding(clip, tokenizer, scenes: list[Scene], size: int) -> dict[str, dict[s
         pooled = F.normalize(pooled.float(), dim=-1)
         table[attribute] = {"picture picks its caption": round(float(picks.float().mean()), 3),
                             "pooled cosine": round(float((pooled[:n] * pooled[n:]).sum(-1).mean()), 3), "n": n}
+    return table
+
+
+CELLS = GRID * GRID
+OBJECT_CLASSES = [(shape, color, size) for shape in SHAPES for color in COLORS for size in SIZES]
+
+
+def cell_labels(scene: Scene) -> torch.Tensor:
+    """``[9]``: 0 for an empty cell, else 1 + the index of its object's (shape, colour, size)."""
+    labels = torch.zeros(CELLS, dtype=torch.long)
+    for o in scene:
+        labels[o.row * GRID + o.col] = 1 + OBJECT_CLASSES.index((o.shape, o.color, o.size))
+    return labels
+
+
+class SceneReadout(nn.Module):
+    """Names what each cell holds, from the token sequence (nine queries, one attention layer) or from the
+    pooled embedding alone (an MLP); the same classifier head on both."""
+
+    def __init__(self, source: str, cond_dim: int, pooled_dim: int, width: int = 128, heads: int = 4):
+        super().__init__()
+        if source not in ("sequence", "pooled"):
+            raise ValueError(f"source must be 'sequence' or 'pooled', got {source!r}")
+        self.source = source
+        self.queries = nn.Parameter(torch.randn(CELLS, width) * 0.02)
+        self.attention = nn.MultiheadAttention(width, heads, kdim=cond_dim, vdim=cond_dim, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(pooled_dim, 2 * width), nn.GELU(), nn.Linear(2 * width, CELLS * width))
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(),
+                                  nn.Linear(width, 1 + len(OBJECT_CLASSES)))
+
+    def forward(self, sequence: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        if self.source == "sequence":
+            cells = self.attention(self.queries.expand(len(sequence), -1, -1), sequence, sequence)[0]
+        else:
+            cells = self.mlp(pooled).view(len(pooled), CELLS, -1)
+        return self.head(cells)  # [B, 9, classes]
+
+
+@torch.no_grad()
+def encoded_captions(clip, tokenizer, n: int, seed: int, split: str):
+    """``(sequence, pooled, cell labels, object counts)`` for ``n`` caption pairs of 1–3 objects."""
+    pairs = caption_pairs(n, seed=seed, split=split)
+    chunks = [encode_text(clip, tokenizer, [p.caption for p in pairs[i:i + 500]]) for i in range(0, n, 500)]
+    return (torch.cat([c[0] for c in chunks]).float(), torch.cat([c[1] for c in chunks]).float(),
+            torch.stack([cell_labels(p.scene) for p in pairs]), torch.tensor([len(p.scene) for p in pairs]))
+
+
+def scene_readout(clip, tokenizer, n_train: int, n_test: int, steps: int, batch_size: int = 256,
+                  seed: int = 0) -> dict[str, dict[str, float]]:
+    """``{"sequence"|"pooled": {"1 object": share, "2 objects": ..., "3 objects": ...}}``: test captions whose
+    nine cells the readout names all right (fresh captions, drawn like the training ones from another seed)."""
+    train, test = encoded_captions(clip, tokenizer, n_train, seed, "train"), \
+        encoded_captions(clip, tokenizer, n_test, seed + 1, "train")
+    table = {}
+    for source in ("sequence", "pooled"):
+        torch.manual_seed(seed)
+        readout = SceneReadout(source, train[0].shape[-1], train[1].shape[-1])
+        optimizer = torch.optim.AdamW(readout.parameters(), lr=2e-3)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            rows = torch.randint(0, n_train, (batch_size,), generator=g)
+            logits = readout(train[0][rows], train[1][rows])
+            optimizer.zero_grad()
+            F.cross_entropy(logits.flatten(0, 1), train[2][rows].flatten()).backward()
+            optimizer.step()
+        with torch.no_grad():
+            right = (readout(test[0], test[1]).argmax(-1) == test[2]).all(-1)
+        table[source] = {f"{k} object{'s' * (k > 1)}": round(float(right[test[3] == k].float().mean()), 3)
+                         for k in (1, 2, 3) if (test[3] == k).any()}
     return table
 
 
@@ -145,6 +223,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--train", type=int, default=3000, help="scenes to fit the probes on")
     parser.add_argument("--test", type=int, default=600, help="other scenes to score them on")
     parser.add_argument("--steps", type=int, default=400, help="probe optimizer steps (full batch)")
+    parser.add_argument("--readout-captions", type=int, default=20_000, help="captions to fit the scene readouts on")
+    parser.add_argument("--readout-steps", type=int, default=1500, help="scene readout optimizer steps (batch 256)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
@@ -159,6 +239,8 @@ def main(argv=None) -> dict:
     rng = random.Random(2)
     two_objects = [random_scene(rng, 2, split="any") for _ in range(args.test)]
     results["binding (two objects, one attribute swapped)"] = binding(clip, tokenizer, two_objects, size)
+    readout_key = "scene readout (test captions with all nine cells right)"
+    results[readout_key] = scene_readout(clip, tokenizer, args.readout_captions, args.test, args.readout_steps)
     @torch.no_grad()
     def hidden_states(scenes):  # the vision encoder once per scene set, every layer kept
         return clip.vision_model(pixel_values=pictures(scenes, size), output_hidden_states=True).hidden_states
@@ -184,6 +266,10 @@ def main(argv=None) -> dict:
     for attribute, row in results["binding (two objects, one attribute swapped)"].items():
         print(f"  {attribute:<8} picture picks its own caption {row['picture picks its caption']:6.1%}, "
               f"pooled cosine of the two captions {row['pooled cosine']:.3f} ({row['n']} pairs)")
+    print(f"\nscene readout: {args.test} test captions whose nine cells are all named right, trained on "
+          f"{args.readout_captions} captions")
+    for source, row in results[readout_key].items():
+        print(f"  from the {source:<9}" + "".join(f"{group:>12} {value:6.1%}" for group, value in row.items()))
     print(f"\nprobes: an object's attribute read from the feature of its cell ({args.test} test scenes)")
     print(f"  {'features':<22}" + "".join(f"{a + ' ' + k:>14}" for a in ATTRIBUTES for k in ("linear", "mlp")))
     for name, table in results.items():

@@ -70,7 +70,8 @@ SAMPLERS = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}
 def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per_block: int = 1,
                attention_heads: int = 2, norm_num_groups: int = 8,
                coordinate_channels: bool = True, patch_size: int = 1,
-               scale_shift: bool = False) -> UNet2DConditionModel:
+               scale_shift: bool = False, pooled_conditioning: bool = True,
+               attention_layers: int = 1) -> UNet2DConditionModel:
     """A pixel-space ``UNet2DConditionModel`` for ``config`` (randomly initialised).
 
     One resolution level per entry of ``config.unet_block_channels``, the first at
@@ -88,6 +89,10 @@ def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per
     (CoordConv, Liu et al. 2018; :func:`add_coordinates` fills them in). Convolutions are translation
     equivariant, so without them the only clue to *where* a pixel is comes from the zero padding at the
     borders, and "at the top left" is learnt very slowly (see ``benchmarks/DIFFUSION_RECIPE.md``).
+
+    ``pooled_conditioning`` False leaves out the pooled caption embedding (no ``class_embed_type``): the UNet
+    reads the caption through cross-attention alone, as Stable Diffusion 1.x does. ``attention_layers`` is
+    the number of transformer blocks (self-attention, cross-attention, feed-forward) at each attending level.
     """
     channels = config.unet_block_channels
     if channels is None:
@@ -102,6 +107,8 @@ def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per
     if config.image_size % (patch_size * 2 ** (levels - 1)):
         raise ValueError(f"image_size {config.image_size} must be divisible by {patch_size * 2 ** (levels - 1)} "
                          f"for {levels} resolution levels with patch_size {patch_size}")
+    if not isinstance(attention_layers, int) or attention_layers < 1:
+        raise ValueError(f"attention_layers must be a positive int, got {attention_layers!r}")
     bad = [c for c in channels if c % norm_num_groups or c % attention_heads]
     if bad:
         raise ValueError(f"every entry of unet_block_channels {channels} must be divisible by norm_num_groups "
@@ -117,7 +124,9 @@ def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per
         mid_block_type="UNetMidBlock2DCrossAttn" if cross_attention_levels else None,
         cross_attention_dim=config.cond_dim, attention_head_dim=attention_heads,
         norm_num_groups=norm_num_groups,
-        class_embed_type="projection", projection_class_embeddings_input_dim=config.pooled_dim,
+        class_embed_type="projection" if pooled_conditioning else None,
+        projection_class_embeddings_input_dim=config.pooled_dim if pooled_conditioning else None,
+        transformer_layers_per_block=attention_layers,
         resnet_time_scale_shift="scale_shift" if scale_shift else "default",
     )
 
@@ -546,6 +555,8 @@ class DiffusionRecipe:
     coordinate_channels: bool = True  # UNet: row and column input channels (where each pixel is)
     patch_size: int = 2  # UNet: works on patch_size × patch_size patches of pixels stacked as channels
     scale_shift: bool = True  # UNet: timestep + pooled caption scale and shift the features (FiLM), not just shift
+    pooled_conditioning: bool = True  # UNet: reads the pooled caption embedding (False: cross-attention alone)
+    attention_layers: int = 1  # UNet: transformer blocks at each level that attends to the caption
     sampler: str = "dpm"
     num_inference_steps: int = 20
     guidance_scale: float = 3.0
@@ -581,7 +592,8 @@ class DiffusionRecipe:
 def unet_kwargs(recipe: DiffusionRecipe) -> dict:
     """The :func:`build_unet` arguments that ``recipe`` decides (its architecture settings)."""
     return {"cross_attention_levels": recipe.cross_attention_levels, "coordinate_channels": recipe.coordinate_channels,
-            "patch_size": recipe.patch_size, "scale_shift": recipe.scale_shift}
+            "patch_size": recipe.patch_size, "scale_shift": recipe.scale_shift,
+            "pooled_conditioning": recipe.pooled_conditioning, "attention_layers": recipe.attention_layers}
 
 
 def reference_pipeline_dir(preset: str = "tiny") -> Path:

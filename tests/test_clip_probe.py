@@ -47,6 +47,16 @@ def test_swapping_an_attribute_exchanges_it_between_the_two_objects():
     assert clip_probe.swapped(scene, "size") is None  # both small: nothing to swap
 
 
+def test_cell_labels_name_each_cell_and_leave_the_rest_empty():
+    scene = Scene((Obj(0, 2, "square", "blue", "small"), Obj(2, 1, "circle", "red", "large")))
+    labels = clip_probe.cell_labels(scene)
+    assert labels.tolist().count(0) == 7
+    assert clip_probe.OBJECT_CLASSES[labels[2] - 1] == ("square", "blue", "small")
+    assert clip_probe.OBJECT_CLASSES[labels[7] - 1] == ("circle", "red", "large")
+    with pytest.raises(ValueError, match="source"):
+        clip_probe.SceneReadout("words", 32, 32)
+
+
 def test_a_probe_reads_a_plain_signal_and_not_noise():
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 3, (300,), generator=g)
@@ -60,7 +70,7 @@ def test_a_probe_reads_a_plain_signal_and_not_noise():
 def test_main_prints_and_writes_every_table(clip_dir, tmp_path, capsys):
     out = tmp_path / "probe.json"
     results = clip_probe.main(["--clip", str(clip_dir), "--train", "150", "--test", "60", "--steps", "60",
-                               "--json", str(out)])
+                               "--readout-captions", "300", "--readout-steps", "20", "--json", str(out)])
     text = results[f"text cosine to '{clip_probe.BASE_CAPTION}'"]
     assert set(text) == set(clip_probe.CHANGED) and all(-1 <= v <= 1 for v in text.values())
     for layer in ("vision layer 0", "vision layer -1"):
@@ -71,6 +81,10 @@ def test_main_prints_and_writes_every_table(clip_dir, tmp_path, capsys):
     bound = results["binding (two objects, one attribute swapped)"]
     assert set(bound) == {"shape", "color", "size"} and all(0 < row["n"] <= 60 for row in bound.values())
     assert all(0 <= row["picture picks its caption"] <= 1 for row in bound.values())
+    readout = results["scene readout (test captions with all nine cells right)"]
+    assert set(readout) == {"sequence", "pooled"}
+    assert all(set(row) == {"1 object", "2 objects", "3 objects"} and all(0 <= v <= 1 for v in row.values())
+               for row in readout.values())
     assert json.loads(out.read_text())["vision layer 0"] == results["vision layer 0"]
     printed = capsys.readouterr().out
     assert "shape (square)" in printed and "vision layer -1" in printed

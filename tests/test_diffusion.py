@@ -68,6 +68,29 @@ def test_unet_shapes_and_conditioning_for_the_tiny_preset():
         assert D.predict_noise(plain, x, t, embeds, pooled).shape == x.shape
 
 
+def test_a_unet_without_pooled_conditioning_reads_the_caption_through_cross_attention_alone(small):
+    config, clip, tokenizer = small
+    torch.manual_seed(0)
+    unet = D.build_unet(config, pooled_conditioning=False, attention_layers=2)
+    assert unet.config.class_embed_type is None
+    assert unet.config.transformer_layers_per_block == 2
+    assert len(unet.down_blocks[-1].attentions[0].transformer_blocks) == 2
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    embeds, pooled = torch.randn(2, 40, 32), torch.randn(2, 32)
+    with torch.no_grad():
+        out = D.predict_noise(unet, x, t, embeds, pooled)
+        assert torch.equal(out, D.predict_noise(unet, x, t, embeds, pooled + 1))  # the pooled vector is ignored
+        assert torch.equal(out, D.predict_noise(unet, x, t, embeds, None))  # and may be left out
+        assert not torch.allclose(out, D.predict_noise(unet, x, t, embeds + 1, pooled))  # the sequence is read
+    pipe = D.TinyDiffusionPipeline(unet, D.build_schedulers()[1], clip, tokenizer, {"num_inference_steps": 2})
+    noise = torch.randn(1, 3, 16, 16)
+    by_embeds = pipe(prompt_embeds=embeds[:1], latents=noise, output_type="pt")  # no pooled needed
+    assert torch.equal(by_embeds, pipe(prompt_embeds=embeds[:1], pooled_prompt_embeds=pooled[:1], latents=noise,
+                                       output_type="pt"))
+    recipe = D.DiffusionRecipe(pooled_conditioning=False, attention_layers=2)
+    assert D.unet_kwargs(recipe)["pooled_conditioning"] is False and D.unet_kwargs(recipe)["attention_layers"] == 2
+
+
 def test_build_unet_rejects_bad_settings():
     with pytest.raises(ValueError, match="cross_attention_levels"):
         D.build_unet(get_config("tiny"), cross_attention_levels=4)
@@ -77,6 +100,8 @@ def test_build_unet_rejects_bad_settings():
         D.build_unet(get_config("tiny", unet_block_channels=(12, 24)))
     with pytest.raises(ValueError, match="patch_size"):
         D.build_unet(get_config("tiny"), patch_size=3)
+    with pytest.raises(ValueError, match="attention_layers"):
+        D.build_unet(get_config("tiny"), attention_layers=0)
     with pytest.raises(ValueError, match="divisible by 64"):  # 6 levels of 2x2 patches: 2 * 2**5
         D.build_unet(get_config("tiny", unet_block_channels=(8,) * 6), patch_size=2)
 
