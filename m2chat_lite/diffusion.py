@@ -46,6 +46,9 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
 
 from . import __version__
 from .config import M2ChatConfig
@@ -57,7 +60,7 @@ from .world import caption_pairs, render, score
 from .world.samples import scenes_of
 
 PIPELINE_FILE = "pipeline.json"
-UNET_DIR, SCHEDULER_DIR, TEXT_ENCODER_DIR = "unet", "scheduler", "text_encoder"
+UNET_DIR, SCHEDULER_DIR, TEXT_ENCODER_DIR, LAYOUT_DIR = "unet", "scheduler", "text_encoder", "text_layout"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SAMPLERS = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}
 
@@ -71,7 +74,7 @@ def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per
                attention_heads: int = 2, norm_num_groups: int = 8,
                coordinate_channels: bool = True, patch_size: int = 1,
                scale_shift: bool = False, pooled_conditioning: bool = True,
-               attention_layers: int = 1) -> UNet2DConditionModel:
+               attention_layers: int = 1, layout_channels: int = 0) -> UNet2DConditionModel:
     """A pixel-space ``UNet2DConditionModel`` for ``config`` (randomly initialised).
 
     One resolution level per entry of ``config.unet_block_channels``, the first at
@@ -93,6 +96,9 @@ def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per
     ``pooled_conditioning`` False leaves out the pooled caption embedding (no ``class_embed_type``): the UNet
     reads the caption through cross-attention alone, as Stable Diffusion 1.x does. ``attention_layers`` is
     the number of transformer blocks (self-attention, cross-attention, feed-forward) at each attending level.
+
+    ``layout_channels`` > 0 gives the UNet a :class:`TextLayout` (``unet.text_layout``): a map read from the
+    caption's token states, one value per input position, handed to the UNet as that many extra input channels.
     """
     channels = config.unet_block_channels
     if channels is None:
@@ -107,6 +113,8 @@ def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per
     if config.image_size % (patch_size * 2 ** (levels - 1)):
         raise ValueError(f"image_size {config.image_size} must be divisible by {patch_size * 2 ** (levels - 1)} "
                          f"for {levels} resolution levels with patch_size {patch_size}")
+    if not isinstance(layout_channels, int) or layout_channels < 0:
+        raise ValueError(f"layout_channels must be an int >= 0, got {layout_channels!r}")
     if not isinstance(attention_layers, int) or attention_layers < 1:
         raise ValueError(f"attention_layers must be a positive int, got {attention_layers!r}")
     bad = [c for c in channels if c % norm_num_groups or c % attention_heads]
@@ -116,8 +124,9 @@ def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per
     attends = [i >= levels - cross_attention_levels for i in range(levels)]
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends))
-    return UNet2DConditionModel(
-        sample_size=config.image_size // patch_size, in_channels=3 * patch_size ** 2 + 2 * coordinate_channels,
+    unet = UNet2DConditionModel(
+        sample_size=config.image_size // patch_size,
+        in_channels=3 * patch_size ** 2 + 2 * coordinate_channels + layout_channels,
         out_channels=3 * patch_size ** 2,
         block_out_channels=tuple(channels), layers_per_block=layers_per_block,
         down_block_types=down, up_block_types=up,
@@ -129,6 +138,55 @@ def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per
         transformer_layers_per_block=attention_layers,
         resnet_time_scale_shift="scale_shift" if scale_shift else "default",
     )
+    if layout_channels:
+        unet.text_layout = TextLayout(side=config.image_size // patch_size, cond_dim=config.cond_dim,
+                                      channels=layout_channels)
+    return unet
+
+
+class TextLayout(ModelMixin, ConfigMixin):
+    """Where the caption puts things: a ``[B, channels, side, side]`` map read from its token states.
+
+    One learned query per position of the UNet's input grid attends once over ``prompt_embeds``; the result goes
+    to the UNet as extra input channels (:func:`predict_noise`). The pooled caption embedding is one vector for
+    the whole scene and cannot say which object is where (``benchmarks/clip_probe.py``, the scene readout); this
+    map gives every place its own reading of the words, by a path as direct as the pooled vector's. Its first
+    three channels are also trained to be the picture's thumbnail (:func:`thumbnail_loss`), which teaches it
+    where things go from the first steps. Measured in ``benchmarks/DIFFUSION_RECIPE.md`` (session 21).
+    """
+
+    @register_to_config
+    def __init__(self, side: int = 16, cond_dim: int = 128, width: int = 128, heads: int = 4, channels: int = 16):
+        super().__init__()
+        if channels < 3:
+            raise ValueError(f"a text layout needs at least 3 channels (its first 3 are the thumbnail), got {channels}")
+        self.queries = nn.Parameter(torch.randn(side * side, width) * 0.02)
+        self.attention = nn.MultiheadAttention(width, heads, kdim=cond_dim, vdim=cond_dim, batch_first=True)
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, channels)
+
+    def forward(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        b, side = prompt_embeds.shape[0], self.config.side
+        x = self.attention(self.queries.expand(b, -1, -1), prompt_embeds, prompt_embeds, need_weights=False)[0]
+        return self.out(self.norm(x)).transpose(1, 2).reshape(b, -1, side, side)
+
+
+def layout_of(unet) -> TextLayout | None:
+    """The UNet's :class:`TextLayout`, or None (the shipped recipe's UNet and Stable Diffusion's have none)."""
+    return getattr(unet, "text_layout", None)
+
+
+def thumbnail_loss(unet, images: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    """MSE of the text layout's first three channels to the pictures' thumbnails (``images`` averaged over
+    each input position's patch), on the rows whose caption was not dropped (zero embeddings)."""
+    layout = layout_of(unet)
+    if layout is None:
+        raise ValueError("this UNet has no text layout (build it with layout_channels > 0)")
+    rows = prompt_embeds.flatten(1).abs().sum(-1) > 0
+    if not rows.any():
+        return images.new_zeros(())
+    thumbnails = F.avg_pool2d(images[rows], images.shape[-1] // layout.config.side)
+    return F.mse_loss(layout(prompt_embeds[rows].to(images.dtype))[:, :3].float(), thumbnails.float())
 
 
 def build_schedulers(prediction_type: str = "epsilon", beta_schedule: str = "squaredcos_cap_v2",
@@ -170,8 +228,10 @@ def sampling_scheduler(scheduler_config, sampler: str = "dpm", spacing: str | No
 
 def add_coordinates(unet, sample: torch.Tensor) -> torch.Tensor:
     """``sample`` with the row and column channels appended (in ``[-1, 1]``) if ``unet`` takes them
-    (``in_channels == out_channels + 2``, see :func:`build_unet`); otherwise ``sample`` unchanged."""
-    if unet.config.in_channels != unet.config.out_channels + 2:
+    (two input channels more than its output and its text layout's, see :func:`build_unet`); otherwise
+    ``sample`` unchanged."""
+    layout = layout_of(unet)
+    if unet.config.in_channels - (layout.config.channels if layout else 0) != unet.config.out_channels + 2:
         return sample
     b, _, h, w = sample.shape
     rows = torch.linspace(-1, 1, h, device=sample.device, dtype=sample.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
@@ -194,11 +254,15 @@ def predict_noise(unet, sample: torch.Tensor, timesteps, prompt_embeds: torch.Te
     """The UNet's output (ε, v or x0) for noisy pictures ``sample`` ``[B, 3, H, W]``, shaped like ``sample``.
 
     Wraps the plain ``unet(sample, t, encoder_hidden_states=..., class_labels=...)`` call with what
-    :func:`build_unet` may have added: 2×2 patches in and out (``patch_size``) and the coordinate channels.
+    :func:`build_unet` may have added: 2×2 patches in and out (``patch_size``), the coordinate channels and
+    the text layout's channels.
     """
     p = patch_size_of(unet)
-    x = F.pixel_unshuffle(sample, p) if p > 1 else sample
-    out = unet(add_coordinates(unet, x), timesteps, **_unet_kwargs(unet, prompt_embeds, pooled)).sample
+    x = add_coordinates(unet, F.pixel_unshuffle(sample, p) if p > 1 else sample)
+    layout = layout_of(unet)
+    if layout is not None:
+        x = torch.cat([x, layout(prompt_embeds.to(x.dtype)).to(x.dtype)], dim=1)
+    out = unet(x, timesteps, **_unet_kwargs(unet, prompt_embeds, pooled)).sample
     return F.pixel_shuffle(out, p) if p > 1 else out
 
 
@@ -445,10 +509,7 @@ class TinyDiffusionPipeline:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         try:
-            if dtype is None:
-                self.unet.save_pretrained(tmp / UNET_DIR)
-            else:
-                copy.deepcopy(self.unet).to(dtype).save_pretrained(tmp / UNET_DIR)
+            _save_unet(self.unet if dtype is None else copy.deepcopy(self.unet).to(dtype), tmp)
             self.scheduler.save_pretrained(tmp / SCHEDULER_DIR)
             with_text = include_text_encoder and self.text_encoder is not None and self.tokenizer is not None
             if with_text and text_encoder_dir is None:
@@ -457,6 +518,8 @@ class TinyDiffusionPipeline:
             text_dir = (text_encoder_dir or TEXT_ENCODER_DIR) if with_text else None
             meta = {"class": type(self).__name__, "package_version": __version__,
                     "image_size": self.image_size, "text_encoder": text_dir, "defaults": self.defaults}
+            if layout_of(self.unet) is not None:
+                meta["text_layout"] = LAYOUT_DIR
             (tmp / PIPELINE_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
             tmp.chmod(0o755)
             _replace_folder(tmp, folder)
@@ -486,12 +549,23 @@ class TinyDiffusionPipeline:
             meta = json.loads((folder / PIPELINE_FILE).read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{folder / PIPELINE_FILE} is not valid JSON ({error}); save the pipeline again") from error
-        try:
-            unet = UNet2DConditionModel.from_pretrained(folder / UNET_DIR, torch_dtype=torch.float32)
-        except Exception as error:  # diffusers raises several types for bad weights and shape mismatches
-            raise ValueError(f"cannot load the UNet from {folder / UNET_DIR}: {type(error).__name__}: {error}. "
-                             "The weights do not match unet/config.json or are damaged; save the pipeline "
-                             "again") from error
+        parts = [("UNet", UNET_DIR, UNet2DConditionModel)]
+        if meta.get("text_layout"):
+            parts.append(("text layout", LAYOUT_DIR, TextLayout))
+        loaded = []
+        for what, part, cls_ in parts:
+            if not (folder / part / "config.json").is_file():
+                raise ValueError(f"{folder} is not a complete diffusion pipeline: missing {part}/config.json. "
+                                 "Save it again with TinyDiffusionPipeline.save_pretrained")
+            try:
+                loaded.append(cls_.from_pretrained(folder / part, torch_dtype=torch.float32))
+            except Exception as error:  # diffusers raises several types for bad weights and shape mismatches
+                raise ValueError(f"cannot load the {what} from {folder / part}: {type(error).__name__}: {error}. "
+                                 f"The weights do not match {part}/config.json or are damaged; save the pipeline "
+                                 "again") from error
+        unet = loaded[0]
+        if len(loaded) > 1:
+            unet.text_layout = loaded[1]
         try:
             sched_config = json.loads((folder / SCHEDULER_DIR / "scheduler_config.json").read_text())
             sampler = "ddim" if sched_config.get("_class_name") == "DDIMScheduler" else "dpm"
@@ -507,6 +581,21 @@ class TinyDiffusionPipeline:
                 raise ValueError(f"cannot load the text encoder from {folder / meta['text_encoder']}: "
                                  f"{error}") from error
         return cls(unet, scheduler, text_encoder, tokenizer, meta.get("defaults")).to(device)
+
+
+def _save_unet(unet, folder: Path) -> None:
+    """``folder/unet/`` and, if the UNet has a text layout, ``folder/text_layout/`` (two ``save_pretrained``
+    folders: diffusers would otherwise write the layout's weights into the UNet's file, which can't load them)."""
+    layout = layout_of(unet)
+    if layout is None:
+        unet.save_pretrained(folder / UNET_DIR)
+        return
+    del unet.text_layout
+    try:
+        unet.save_pretrained(folder / UNET_DIR)
+    finally:
+        unet.text_layout = layout
+    layout.save_pretrained(folder / LAYOUT_DIR)
 
 
 def _replace_folder(new: Path, target: Path) -> None:
@@ -557,6 +646,10 @@ class DiffusionRecipe:
     scale_shift: bool = True  # UNet: timestep + pooled caption scale and shift the features (FiLM), not just shift
     pooled_conditioning: bool = True  # UNet: reads the pooled caption embedding (False: cross-attention alone)
     attention_layers: int = 1  # UNet: transformer blocks at each level that attends to the caption
+    # UNet: channels of a TextLayout read from the caption's token states, added to its input (0: none), and the
+    # weight of its thumbnail loss beside the diffusion loss. Measured, not shipped (benchmarks/DIFFUSION_RECIPE.md)
+    layout_channels: int = 0
+    thumbnail_weight: float = 0.0
     sampler: str = "dpm"
     num_inference_steps: int = 20
     guidance_scale: float = 3.0
@@ -577,6 +670,9 @@ class DiffusionRecipe:
             raise ValueError(f"unknown prediction_type {self.prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
+        if self.thumbnail_weight < 0 or (self.thumbnail_weight and not self.layout_channels):
+            raise ValueError(f"thumbnail_weight must be >= 0, and needs layout_channels > 0 (got "
+                             f"{self.thumbnail_weight} with layout_channels {self.layout_channels})")
         if not self.timestep_power > 0:
             raise ValueError(f"timestep_power must be positive, got {self.timestep_power}")
 
@@ -593,7 +689,8 @@ def unet_kwargs(recipe: DiffusionRecipe) -> dict:
     """The :func:`build_unet` arguments that ``recipe`` decides (its architecture settings)."""
     return {"cross_attention_levels": recipe.cross_attention_levels, "coordinate_channels": recipe.coordinate_channels,
             "patch_size": recipe.patch_size, "scale_shift": recipe.scale_shift,
-            "pooled_conditioning": recipe.pooled_conditioning, "attention_layers": recipe.attention_layers}
+            "pooled_conditioning": recipe.pooled_conditioning, "attention_layers": recipe.attention_layers,
+            "layout_channels": recipe.layout_channels}
 
 
 def reference_pipeline_dir(preset: str = "tiny") -> Path:
@@ -684,8 +781,11 @@ def train_diffusion(config: M2ChatConfig, clip, tokenizer, train_config: TrainCo
     make_batch = CaptionEmbeddingBatches(clip, tokenizer, recipe, config.image_size, device)
 
     def loss_fn(batch: dict) -> torch.Tensor:
-        return diffusion_loss(unet, scheduler, batch["images"], batch["prompt_embeds"], batch["pooled"],
+        loss = diffusion_loss(unet, scheduler, batch["images"], batch["prompt_embeds"], batch["pooled"],
                               noise=batch["noise"], timesteps=batch["timesteps"], snr_gamma=recipe.snr_gamma)
+        if recipe.thumbnail_weight:
+            loss = loss + recipe.thumbnail_weight * thumbnail_loss(unet, batch["images"], batch["prompt_embeds"])
+        return loss
 
     result = train(unet, loss_fn, make_batch, train_config, out_dir=out_dir, device=device, progress=progress,
                    description="diffusion")

@@ -2,6 +2,8 @@
 saving and loading, and evaluation with the oracle. Everything on tiny models (seconds)."""
 
 import json
+import math
+import shutil
 
 import pytest
 import torch
@@ -89,6 +91,65 @@ def test_a_unet_without_pooled_conditioning_reads_the_caption_through_cross_atte
                                        output_type="pt"))
     recipe = D.DiffusionRecipe(pooled_conditioning=False, attention_layers=2)
     assert D.unet_kwargs(recipe)["pooled_conditioning"] is False and D.unet_kwargs(recipe)["attention_layers"] == 2
+
+
+def test_a_text_layout_gives_each_input_position_its_own_reading_of_the_caption(small):
+    config, _, _ = small
+    torch.manual_seed(0)
+    unet = D.build_unet(config, patch_size=2, layout_channels=4)  # 16 px in 2x2 patches: an 8x8 input grid
+    layout = D.layout_of(unet)
+    assert layout.config.side == 8 and layout.config.channels == 4 and D.layout_of(D.build_unet(config)) is None
+    assert unet.config.in_channels == 12 + 2 + 4  # patches, coordinates, layout
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    embeds, pooled = torch.randn(2, 40, 32), torch.randn(2, 32)
+    maps = layout(embeds)
+    assert maps.shape == (2, 4, 8, 8) and not torch.allclose(maps[:, :, 0, 0], maps[:, :, 7, 7])  # per place
+    assert D.add_coordinates(unet, F.pixel_unshuffle(x, 2)).shape[1] == 14  # the coordinates are still added
+    with torch.no_grad():
+        out = D.predict_noise(unet, x, t, embeds, pooled)
+        by_hand = F.pixel_shuffle(unet(torch.cat([D.add_coordinates(unet, F.pixel_unshuffle(x, 2)), maps], 1), t,
+                                       encoder_hidden_states=embeds, class_labels=pooled).sample, 2)
+    assert out.shape == x.shape and torch.allclose(out, by_hand, atol=1e-6)
+
+    # the thumbnail loss: the layout's first 3 channels against each patch's mean colour; dropped captions skipped
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    expected = F.mse_loss(maps[:1, :3], F.avg_pool2d(images[:1], 2))
+    dropped = torch.cat([embeds[:1], torch.zeros_like(embeds[1:])])
+    assert torch.allclose(D.thumbnail_loss(unet, images, dropped), expected)
+    assert D.thumbnail_loss(unet, images, torch.zeros_like(embeds)) == 0
+    with pytest.raises(ValueError, match="no text layout"):
+        D.thumbnail_loss(D.build_unet(config), images, embeds)
+
+
+def test_training_with_a_text_layout_and_saving_it(small, tmp_path):
+    config, clip, tokenizer = small
+    recipe = D.DiffusionRecipe(batch_size=8, num_inference_steps=2, patch_size=2, layout_channels=4,
+                               thumbnail_weight=1.0)
+    pipe, result = D.train_diffusion(config, clip, tokenizer, TrainConfig(max_steps=30, lr=3e-3, warmup_steps=5,
+                                                                          log_every=5), recipe=recipe, progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    before = D.layout_of(D.build_unet(config, **D.unet_kwargs(recipe)))
+    assert not torch.equal(before.queries, D.layout_of(pipe.unet).queries)  # the layout trained with the UNet
+    folder = pipe.save_pretrained(tmp_path / "g", dtype=torch.float16)
+    assert (folder / "text_layout" / "config.json").is_file()
+    assert json.loads((folder / "pipeline.json").read_text())["text_layout"] == "text_layout"
+    from safetensors.torch import load_file
+    unet_keys = load_file(next((folder / "unet").glob("*.safetensors"))).keys()
+    assert not any(k.startswith("text_layout") for k in unet_keys)  # the layout is saved once, in its own folder
+    loaded = D.TinyDiffusionPipeline.from_pretrained(folder)
+    assert D.layout_of(loaded.unet) is not None and D.layout_of(pipe.unet) is not None  # the original keeps it
+    noise = torch.randn(1, 3, 16, 16)
+    a = pipe(PROMPTS[0], latents=noise, output_type="pt")
+    b = loaded(PROMPTS[0], latents=noise, output_type="pt")
+    assert (a - b).abs().max() < 0.05  # float16 weights: the same picture up to rounding
+    for path in (folder / "text_layout").glob("*.safetensors"):
+        path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ValueError, match="cannot load the text layout"):
+        D.TinyDiffusionPipeline.from_pretrained(folder)
+    shutil.rmtree(folder / "text_layout")
+    with pytest.raises(ValueError, match="missing text_layout/config.json"):
+        D.TinyDiffusionPipeline.from_pretrained(folder)
 
 
 def test_build_unet_rejects_bad_settings():
@@ -339,6 +400,12 @@ def test_recipe_validation():
         D.DiffusionRecipe(pooled_noise=-1.0)
     with pytest.raises(ValueError, match="prediction_type"):
         D.DiffusionRecipe(prediction_type="noise")
+    with pytest.raises(ValueError, match="thumbnail_weight"):
+        D.DiffusionRecipe(thumbnail_weight=1.0)  # no text layout to train
+    with pytest.raises(ValueError, match="layout_channels"):
+        D.build_unet(get_config("tiny"), layout_channels=-1)
+    with pytest.raises(ValueError, match="at least 3 channels"):
+        D.TextLayout(channels=2)
     with pytest.raises(ValueError, match="unknown recipe field"):
         D.DiffusionRecipe.from_dict({"batchsize": 3})
     assert D.DiffusionRecipe.from_dict({"batch_size": 3}).batch_size == 3
