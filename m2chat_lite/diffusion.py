@@ -13,6 +13,9 @@ Diffusion UNet without changing the code around it:
   (``prompt_embeds`` ``[B, cond_seq_len, cond_dim]``) at the two coarsest resolutions, and the
   **pooled** caption embedding (``[B, pooled_dim]``) added to the timestep embedding
   (``class_embed_type="projection"``), which scales and shifts every ResNet block's features.
+- :class:`TextLayout` (optional, off in the shipped recipe): a map read from the caption's token states, one
+  value per place, given to the UNet as extra input channels; the pooled vector cannot say which object is
+  where (``benchmarks/DIFFUSION_RECIPE.md``, "Two objects").
 - Training uses a ``DDPMScheduler`` (the forward noising ``x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·ε``); sampling a
   fast ``DPMSolverMultistepScheduler`` (DPM-Solver++) with the same noise schedule, with the predicted
   clean picture clipped to the pixel range.
