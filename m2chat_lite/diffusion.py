@@ -552,23 +552,12 @@ class TinyDiffusionPipeline:
             meta = json.loads((folder / PIPELINE_FILE).read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{folder / PIPELINE_FILE} is not valid JSON ({error}); save the pipeline again") from error
-        parts = [("UNet", UNET_DIR, UNet2DConditionModel)]
+        unet = _load_part(UNet2DConditionModel, folder, UNET_DIR, "UNet")
         if meta.get("text_layout"):
-            parts.append(("text layout", LAYOUT_DIR, TextLayout))
-        loaded = []
-        for what, part, cls_ in parts:
-            if not (folder / part / "config.json").is_file():
-                raise ValueError(f"{folder} is not a complete diffusion pipeline: missing {part}/config.json. "
+            if not (folder / LAYOUT_DIR / "config.json").is_file():
+                raise ValueError(f"{folder} is not a complete diffusion pipeline: missing {LAYOUT_DIR}/config.json. "
                                  "Save it again with TinyDiffusionPipeline.save_pretrained")
-            try:
-                loaded.append(cls_.from_pretrained(folder / part, torch_dtype=torch.float32))
-            except Exception as error:  # diffusers raises several types for bad weights and shape mismatches
-                raise ValueError(f"cannot load the {what} from {folder / part}: {type(error).__name__}: {error}. "
-                                 f"The weights do not match {part}/config.json or are damaged; save the pipeline "
-                                 "again") from error
-        unet = loaded[0]
-        if len(loaded) > 1:
-            unet.text_layout = loaded[1]
+            unet.text_layout = _load_part(TextLayout, folder, LAYOUT_DIR, "text layout")
         try:
             sched_config = json.loads((folder / SCHEDULER_DIR / "scheduler_config.json").read_text())
             sampler = "ddim" if sched_config.get("_class_name") == "DDIMScheduler" else "dpm"
@@ -584,6 +573,16 @@ class TinyDiffusionPipeline:
                 raise ValueError(f"cannot load the text encoder from {folder / meta['text_encoder']}: "
                                  f"{error}") from error
         return cls(unet, scheduler, text_encoder, tokenizer, meta.get("defaults")).to(device)
+
+
+def _load_part(model_class, folder: Path, part: str, what: str):
+    """``model_class.from_pretrained(folder/part)`` in float32; damaged weights are a ``ValueError`` naming them."""
+    try:
+        return model_class.from_pretrained(folder / part, torch_dtype=torch.float32)
+    except Exception as error:  # diffusers raises several types for bad weights and shape mismatches
+        raise ValueError(f"cannot load the {what} from {folder / part}: {type(error).__name__}: {error}. "
+                         f"The weights do not match {part}/config.json or are damaged; save the pipeline "
+                         "again") from error
 
 
 def _save_unet(unet, folder: Path) -> None:
