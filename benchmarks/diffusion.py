@@ -1,6 +1,6 @@
-"""Benchmark: train the tiny diffusion generator with the reference recipe's first phase, then score it with the oracle.
+"""Benchmark: train the tiny diffusion generator with the reference recipe, then score it with the oracle.
 
-    python benchmarks/diffusion.py --clip data/checkpoints/tiny/clip --out runs/diffusion            # the recipe's first phase
+    python benchmarks/diffusion.py --clip data/checkpoints/tiny/clip --out runs/diffusion            # the recipe
     python benchmarks/diffusion.py --clip data/checkpoints/tiny/clip --out /tmp/d --minutes 3        # a quicker look
     python benchmarks/diffusion.py --clip data/checkpoints/tiny/clip --eval-only runs/diffusion/pipeline   # score a saved one
 
@@ -10,12 +10,10 @@ prompts (every attribute right, and per attribute) for one-, two- and three-obje
 per picture. The pipeline is saved to ``--out/pipeline`` (with the text encoder), the trainer state to
 ``--out`` (so an interrupted run resumes), the figures to ``--out/metrics.json``.
 
-This script trains the recipe's **first phase** only (``DiffusionRecipe`` defaults with
-``foundation.RECIPE["diffusion"]``: 1,400 steps, 82.1% of one-object test captions fully right). The shipped
-generator adds a polishing phase (``foundation.RECIPE["diffusion"]["polish"]``: 400 steps on one- and two-object
-pictures, 96.2%), which ``m2chat-lite train --preset tiny --stage diffusion`` runs after it; score its result
-with ``--eval-only DIR/diffusion``. Two-object captions are still far from the issue's bar; what was measured
-and what to try next is in ``benchmarks/DIFFUSION_RECIPE.md``.
+This script trains the recipe (``foundation.RECIPE["diffusion"]``: a layout planner, 2,000 steps on the CLIP's
+token states, then 1,400 UNet steps reading its map) as ``m2chat-lite train --preset tiny --stage diffusion`` does;
+``--recipe '{"layout_planner": false}'`` trains the UNet alone, as the recipe did before 2026-12-02 (its first
+phase). What was measured and tried is in ``benchmarks/DIFFUSION_RECIPE.md``.
 """
 
 from __future__ import annotations
@@ -36,11 +34,12 @@ from m2chat_lite.diffusion import (DiffusionRecipe, TinyDiffusionPipeline, evalu
                                    train_diffusion)
 from m2chat_lite.encoders import load_clip
 from m2chat_lite.foundation import RECIPE as FOUNDATION_RECIPE
+from m2chat_lite.layout import train_planner
 from m2chat_lite.training import TrainConfig
 from m2chat_lite.utils import atomic_write_json
 
-# The reference recipe's first phase: the training loop's settings from foundation.RECIPE (the data and model
-# settings are DiffusionRecipe's defaults), sized to about 12 minutes on the 2-core reference machine.
+# The reference recipe: the training loop's settings from foundation.RECIPE (the data and model settings are
+# DiffusionRecipe's defaults, with the layout planner), about 10 minutes on the 2-core reference machine.
 _R = FOUNDATION_RECIPE["diffusion"]
 RECIPE = {"steps": _R["steps"], "lr": _R["lr"], "warmup": _R["warmup_steps"], "ema": _R["ema_decay"],
           "weight_decay": _R["weight_decay"], "seed": 0}
@@ -61,7 +60,8 @@ def main(argv=None) -> dict:
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock training budget instead of steps")
     parser.add_argument("--lr", type=float, default=RECIPE["lr"])
     parser.add_argument("--seed", type=int, default=RECIPE["seed"])
-    parser.add_argument("--recipe", default="{}", help='DiffusionRecipe overrides as JSON, e.g. \'{"batch_size": 16}\'')
+    parser.add_argument("--recipe", default='{"layout_planner": true}',
+                        help='DiffusionRecipe settings as JSON, e.g. \'{"layout_planner": true, "batch_size": 16}\'')
     parser.add_argument("--eval-only", type=Path, default=None, help="score a saved pipeline folder, no training")
     parser.add_argument("--eval-test", type=int, default=300, help="benchmark test prompts to score (max 300)")
     parser.add_argument("--eval-heldout", type=int, default=100, help="benchmark held-out prompts to score (max 100)")
@@ -86,10 +86,18 @@ def main(argv=None) -> dict:
         train_config = TrainConfig(max_steps=steps, max_seconds=args.minutes * 60 if args.minutes else None,
                                    lr=args.lr, warmup_steps=RECIPE["warmup"], weight_decay=RECIPE["weight_decay"],
                                    ema_decay=RECIPE["ema"], seed=args.seed, log_every=25,
-                                   checkpoint_every=200)
+                                   checkpoint_every=200, cpu_bf16=_R.get("cpu_bf16", False))
         start = time.perf_counter()
+        planner = None
+        if recipe.layout_planner:  # the recipe's planner first (its own state folder, so it resumes too)
+            q = _R["planner"]
+            planner, _ = train_planner(get_config("tiny"), clip, tokenizer,
+                                       TrainConfig(max_steps=q["steps"], lr=q["lr"], warmup_steps=q["warmup_steps"],
+                                                   weight_decay=0.0, seed=args.seed, checkpoint_every=500),
+                                       patch_size=recipe.patch_size, batch_size=q["batch_size"],
+                                       pool_size=q["pool_size"], device=args.device, out_dir=args.out / "planner")
         pipeline, result = train_diffusion(get_config("tiny"), clip, tokenizer, train_config, out_dir=args.out,
-                                           device=args.device, recipe=recipe)
+                                           device=args.device, recipe=recipe, planner=planner)
         wall = time.perf_counter() - start
         print(f"trained {result.steps} steps in {result.seconds:.1f} s ({result.steps / result.seconds:.2f} steps/s, "
               f"batch {recipe.batch_size}); wall time with saving {wall:.1f} s; final loss {result.final_loss:.4f}")

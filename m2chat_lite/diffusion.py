@@ -13,9 +13,9 @@ Diffusion UNet without changing the code around it:
   (``prompt_embeds`` ``[B, cond_seq_len, cond_dim]``) at the two coarsest resolutions, and the
   **pooled** caption embedding (``[B, pooled_dim]``) added to the timestep embedding
   (``class_embed_type="projection"``), which scales and shifts every ResNet block's features.
-- :class:`TextLayout` (optional, off in the shipped recipe): a map read from the caption's token states, one
-  value per place, given to the UNet as extra input channels; the pooled vector cannot say which object is
-  where (``benchmarks/DIFFUSION_RECIPE.md``, "Two objects").
+- A **layout planner** (:mod:`m2chat_lite.layout`, in the shipped recipe): what each cell of the picture
+  holds, read from the caption's token states, given to the UNet as extra input channels. The pooled vector
+  cannot say which object is where (``benchmarks/DIFFUSION_RECIPE.md``, "Two objects").
 - Training uses a ``DDPMScheduler`` (the forward noising ``x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·ε``); sampling a
   fast ``DPMSolverMultistepScheduler`` (DPM-Solver++) with the same noise schedule, with the predicted
   clean picture clipped to the pixel range.
@@ -55,6 +55,7 @@ from torch import nn
 
 from . import __version__
 from .config import M2ChatConfig
+from .layout import LayoutPlanner, layout_channels
 from .benchmark import training_seed  # training data's seeds: derived from the step, never the benchmark's
 from .data import image_to_tensor, tensor_to_image
 from .training import TrainConfig, TrainResult, train
@@ -63,7 +64,7 @@ from .world import caption_pairs, render, score
 from .world.samples import scenes_of
 
 PIPELINE_FILE = "pipeline.json"
-UNET_DIR, SCHEDULER_DIR, TEXT_ENCODER_DIR, LAYOUT_DIR = "unet", "scheduler", "text_encoder", "text_layout"
+UNET_DIR, SCHEDULER_DIR, TEXT_ENCODER_DIR, LAYOUT_DIR = "unet", "scheduler", "text_encoder", "layout_planner"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SAMPLERS = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}
 
@@ -100,8 +101,9 @@ def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per
     reads the caption through cross-attention alone, as Stable Diffusion 1.x does. ``attention_layers`` is
     the number of transformer blocks (self-attention, cross-attention, feed-forward) at each attending level.
 
-    ``layout_channels`` > 0 gives the UNet a :class:`TextLayout` (``unet.text_layout``): a map read from the
-    caption's token states, one value per input position, handed to the UNet as that many extra input channels.
+    ``layout_channels`` > 0 gives the UNet that many extra input channels for a layout map: attach the
+    :class:`~m2chat_lite.layout.LayoutPlanner` that draws it as ``unet.layout_planner`` (:func:`train_diffusion`
+    does), and :func:`predict_noise` feeds its map in.
     """
     channels = config.unet_block_channels
     if channels is None:
@@ -141,55 +143,12 @@ def build_unet(config: M2ChatConfig, cross_attention_levels: int = 2, layers_per
         transformer_layers_per_block=attention_layers,
         resnet_time_scale_shift="scale_shift" if scale_shift else "default",
     )
-    if layout_channels:
-        unet.text_layout = TextLayout(side=config.image_size // patch_size, cond_dim=config.cond_dim,
-                                      channels=layout_channels)
     return unet
 
 
-class TextLayout(ModelMixin, ConfigMixin):
-    """Where the caption puts things: a ``[B, channels, side, side]`` map read from its token states.
-
-    One learned query per position of the UNet's input grid attends once over ``prompt_embeds``; the result goes
-    to the UNet as extra input channels (:func:`predict_noise`). The pooled caption embedding is one vector for
-    the whole scene and cannot say which object is where (``benchmarks/clip_probe.py``, the scene readout); this
-    map gives every place its own reading of the words, by a path as direct as the pooled vector's. Its first
-    three channels are also trained to be the picture's thumbnail (:func:`thumbnail_loss`), which teaches it
-    where things go from the first steps. Measured in ``benchmarks/DIFFUSION_RECIPE.md`` (session 21).
-    """
-
-    @register_to_config
-    def __init__(self, side: int = 16, cond_dim: int = 128, width: int = 128, heads: int = 4, channels: int = 16):
-        super().__init__()
-        if channels < 3:
-            raise ValueError(f"a text layout needs at least 3 channels (its first 3 are the thumbnail), got {channels}")
-        self.queries = nn.Parameter(torch.randn(side * side, width) * 0.02)
-        self.attention = nn.MultiheadAttention(width, heads, kdim=cond_dim, vdim=cond_dim, batch_first=True)
-        self.norm = nn.LayerNorm(width)
-        self.out = nn.Linear(width, channels)
-
-    def forward(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        b, side = prompt_embeds.shape[0], self.config.side
-        x = self.attention(self.queries.expand(b, -1, -1), prompt_embeds, prompt_embeds, need_weights=False)[0]
-        return self.out(self.norm(x)).transpose(1, 2).reshape(b, -1, side, side)
-
-
-def layout_of(unet) -> TextLayout | None:
-    """The UNet's :class:`TextLayout`, or None (the shipped recipe's UNet and Stable Diffusion's have none)."""
-    return getattr(unet, "text_layout", None)
-
-
-def thumbnail_loss(unet, images: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
-    """MSE of the text layout's first three channels to the pictures' thumbnails (``images`` averaged over
-    each input position's patch), on the rows whose caption was not dropped (zero embeddings)."""
-    layout = layout_of(unet)
-    if layout is None:
-        raise ValueError("this UNet has no text layout (build it with layout_channels > 0)")
-    rows = prompt_embeds.flatten(1).abs().sum(-1) > 0
-    if not rows.any():
-        return images.new_zeros(())
-    thumbnails = F.avg_pool2d(images[rows], images.shape[-1] // layout.config.side)
-    return F.mse_loss(layout(prompt_embeds[rows].to(images.dtype))[:, :3].float(), thumbnails.float())
+def layout_of(unet) -> LayoutPlanner | None:
+    """The UNet's :class:`~m2chat_lite.layout.LayoutPlanner`, or None (Stable Diffusion's UNet has none)."""
+    return getattr(unet, "layout_planner", None)
 
 
 def build_schedulers(prediction_type: str = "epsilon", beta_schedule: str = "squaredcos_cap_v2",
@@ -231,10 +190,10 @@ def sampling_scheduler(scheduler_config, sampler: str = "dpm", spacing: str | No
 
 def add_coordinates(unet, sample: torch.Tensor) -> torch.Tensor:
     """``sample`` with the row and column channels appended (in ``[-1, 1]``) if ``unet`` takes them
-    (two input channels more than its output and its text layout's, see :func:`build_unet`); otherwise
+    (two input channels more than its output and its layout planner's, see :func:`build_unet`); otherwise
     ``sample`` unchanged."""
     layout = layout_of(unet)
-    if unet.config.in_channels - (layout.config.channels if layout else 0) != unet.config.out_channels + 2:
+    if unet.config.in_channels - (layout.channels if layout else 0) != unet.config.out_channels + 2:
         return sample
     b, _, h, w = sample.shape
     rows = torch.linspace(-1, 1, h, device=sample.device, dtype=sample.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
@@ -258,7 +217,7 @@ def predict_noise(unet, sample: torch.Tensor, timesteps, prompt_embeds: torch.Te
 
     Wraps the plain ``unet(sample, t, encoder_hidden_states=..., class_labels=...)`` call with what
     :func:`build_unet` may have added: 2×2 patches in and out (``patch_size``), the coordinate channels and
-    the text layout's channels.
+    the layout planner's map.
     """
     p = patch_size_of(unet)
     x = add_coordinates(unet, F.pixel_unshuffle(sample, p) if p > 1 else sample)
@@ -522,7 +481,7 @@ class TinyDiffusionPipeline:
             meta = {"class": type(self).__name__, "package_version": __version__,
                     "image_size": self.image_size, "text_encoder": text_dir, "defaults": self.defaults}
             if layout_of(self.unet) is not None:
-                meta["text_layout"] = LAYOUT_DIR
+                meta["layout_planner"] = LAYOUT_DIR
             (tmp / PIPELINE_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
             tmp.chmod(0o755)
             _replace_folder(tmp, folder)
@@ -553,11 +512,11 @@ class TinyDiffusionPipeline:
         except json.JSONDecodeError as error:
             raise ValueError(f"{folder / PIPELINE_FILE} is not valid JSON ({error}); save the pipeline again") from error
         unet = _load_part(UNet2DConditionModel, folder, UNET_DIR, "UNet")
-        if meta.get("text_layout"):
+        if meta.get("layout_planner"):
             if not (folder / LAYOUT_DIR / "config.json").is_file():
                 raise ValueError(f"{folder} is not a complete diffusion pipeline: missing {LAYOUT_DIR}/config.json. "
                                  "Save it again with TinyDiffusionPipeline.save_pretrained")
-            unet.text_layout = _load_part(TextLayout, folder, LAYOUT_DIR, "text layout")
+            unet.layout_planner = _load_part(LayoutPlanner, folder, LAYOUT_DIR, "layout planner").eval()
         try:
             sched_config = json.loads((folder / SCHEDULER_DIR / "scheduler_config.json").read_text())
             sampler = "ddim" if sched_config.get("_class_name") == "DDIMScheduler" else "dpm"
@@ -586,17 +545,17 @@ def _load_part(model_class, folder: Path, part: str, what: str):
 
 
 def _save_unet(unet, folder: Path) -> None:
-    """``folder/unet/`` and, if the UNet has a text layout, ``folder/text_layout/`` (two ``save_pretrained``
-    folders: diffusers would otherwise write the layout's weights into the UNet's file, which can't load them)."""
+    """``folder/unet/`` and, if the UNet has a layout planner, ``folder/layout_planner/`` (two ``save_pretrained``
+    folders: diffusers would otherwise write the planner's weights into the UNet's file, which can't load them)."""
     layout = layout_of(unet)
     if layout is None:
         unet.save_pretrained(folder / UNET_DIR)
         return
-    del unet.text_layout
+    del unet.layout_planner
     try:
         unet.save_pretrained(folder / UNET_DIR)
     finally:
-        unet.text_layout = layout
+        unet.layout_planner = layout
     layout.save_pretrained(folder / LAYOUT_DIR)
 
 
@@ -648,10 +607,9 @@ class DiffusionRecipe:
     scale_shift: bool = True  # UNet: timestep + pooled caption scale and shift the features (FiLM), not just shift
     pooled_conditioning: bool = True  # UNet: reads the pooled caption embedding (False: cross-attention alone)
     attention_layers: int = 1  # UNet: transformer blocks at each level that attends to the caption
-    # UNet: channels of a TextLayout read from the caption's token states, added to its input (0: none), and the
-    # weight of its thumbnail loss beside the diffusion loss. Measured, not shipped (benchmarks/DIFFUSION_RECIPE.md)
-    layout_channels: int = 0
-    thumbnail_weight: float = 0.0
+    # UNet: reads a layout planner's map of the caption (m2chat_lite.layout) as extra input channels; the planner
+    # is trained first and given to train_diffusion. The foundation recipe turns it on (benchmarks/DIFFUSION_RECIPE.md)
+    layout_planner: bool = False
     sampler: str = "dpm"
     num_inference_steps: int = 20
     guidance_scale: float = 3.0
@@ -672,9 +630,6 @@ class DiffusionRecipe:
             raise ValueError(f"unknown prediction_type {self.prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
-        if self.thumbnail_weight < 0 or (self.thumbnail_weight and not self.layout_channels):
-            raise ValueError(f"thumbnail_weight must be >= 0, and needs layout_channels > 0 (got "
-                             f"{self.thumbnail_weight} with layout_channels {self.layout_channels})")
         if not self.timestep_power > 0:
             raise ValueError(f"timestep_power must be positive, got {self.timestep_power}")
 
@@ -692,7 +647,7 @@ def unet_kwargs(recipe: DiffusionRecipe) -> dict:
     return {"cross_attention_levels": recipe.cross_attention_levels, "coordinate_channels": recipe.coordinate_channels,
             "patch_size": recipe.patch_size, "scale_shift": recipe.scale_shift,
             "pooled_conditioning": recipe.pooled_conditioning, "attention_layers": recipe.attention_layers,
-            "layout_channels": recipe.layout_channels}
+            "layout_channels": layout_channels() if recipe.layout_planner else 0}
 
 
 def reference_pipeline_dir(preset: str = "tiny") -> Path:
@@ -764,18 +719,29 @@ class CaptionEmbeddingBatches:
 def train_diffusion(config: M2ChatConfig, clip, tokenizer, train_config: TrainConfig,
                     out_dir: str | os.PathLike | None = None, device: str = "cpu",
                     recipe: DiffusionRecipe | None = None, unet: UNet2DConditionModel | None = None,
-                    progress: bool = True) -> tuple[TinyDiffusionPipeline, TrainResult]:
+                    progress: bool = True, planner: LayoutPlanner | None = None,
+                    ) -> tuple[TinyDiffusionPipeline, TrainResult]:
     """Train the generator on ShapeWorld caption pairs with the frozen text encoder ``clip``.
 
     Builds the UNet from ``config`` (or continues training ``unet``), trains it with the shared loop
     (``train_config``: budget, learning rate, EMA), and returns ``(pipeline, result)``. With ``out_dir``,
     the loop checkpoints to and resumes from ``out_dir/trainer_state.pt``, and the finished pipeline is
-    saved to ``out_dir/pipeline``.
+    saved to ``out_dir/pipeline``. A recipe with ``layout_planner`` needs ``planner`` (trained on ``clip`` by
+    :func:`m2chat_lite.layout.train_planner`), which stays frozen (or a ``unet`` that already has one).
     """
     recipe = recipe or DiffusionRecipe()
     torch.manual_seed(train_config.seed)
     if unet is None:
         unet = build_unet(config, **unet_kwargs(recipe))
+    if planner is not None:
+        unet.layout_planner = planner.eval().requires_grad_(False)
+    wanted = unet_kwargs(recipe)["layout_channels"]
+    if wanted and layout_of(unet) is None:
+        raise ValueError("this recipe's UNet reads a layout planner's map (layout_planner=True): train one with "
+                         "m2chat_lite.layout.train_planner on the same text encoder and pass planner=")
+    if layout_of(unet) is not None and layout_of(unet).channels != wanted:
+        raise ValueError("a layout planner was given, but the recipe's UNet has no input for its map; use "
+                         "DiffusionRecipe(layout_planner=True)")
     unet.to(device)
     clip = clip.to(device).eval().requires_grad_(False)
     scheduler, sampler = build_schedulers(recipe.prediction_type, recipe.beta_schedule,
@@ -785,8 +751,6 @@ def train_diffusion(config: M2ChatConfig, clip, tokenizer, train_config: TrainCo
     def loss_fn(batch: dict) -> torch.Tensor:
         loss = diffusion_loss(unet, scheduler, batch["images"], batch["prompt_embeds"], batch["pooled"],
                               noise=batch["noise"], timesteps=batch["timesteps"], snr_gamma=recipe.snr_gamma)
-        if recipe.thumbnail_weight:
-            loss = loss + recipe.thumbnail_weight * thumbnail_loss(unet, batch["images"], batch["prompt_embeds"])
         return loss
 
     result = train(unet, loss_fn, make_batch, train_config, out_dir=out_dir, device=device, progress=progress,

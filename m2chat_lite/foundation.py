@@ -41,11 +41,13 @@ RECIPE = {
     "clip": {"steps": 2000, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.05,
              "moved_fraction": 0.25, "reshaped_fraction": 0.25},
     "lm": {"steps": 800, "lr": 4e-3, "warmup_steps": 50, "weight_decay": 0.01, "rows": 8, "n_per_task": 5000},
-    # `polish`: a second phase from the first one's (EMA) weights, on one- and two-object pictures only, at a
-    # quarter of the learning rate with a faster EMA (benchmarks/DIFFUSION_RECIPE.md, "A polishing phase")
+    # `cpu_bf16`: a bfloat16 autocast on CPUs with bfloat16 matrix units (utils.cpu_has_bf16): the UNet's step
+    # takes a quarter less time there (benchmarks/DIFFUSION_RECIPE.md, "Fitting 20 minutes"); the CLIP's gets slower
+    # `planner`: the layout planner (m2chat_lite.layout), trained first on the CLIP's token states and frozen; the
+    # UNet reads its map of each caption (benchmarks/DIFFUSION_RECIPE.md, "The layout planner")
     "diffusion": {"steps": 1400, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.0, "ema_decay": 0.995,
-                  "polish": {"steps": 400, "lr": 5e-4, "warmup_steps": 20, "ema_decay": 0.99, "max_objects": 2,
-                             "data_seed": 7}},
+                  "cpu_bf16": True,
+                  "planner": {"steps": 2000, "lr": 2e-3, "warmup_steps": 100, "batch_size": 256, "pool_size": 40_000}},
     "fusion": {"steps": 3000, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
                "tokens_per_image": 9, "lora_rank": 16, "pool_last": True, "pool_size": 20_000},
     # M³FT. `diffusion_rows`: how many rows of each batch the diffusion term sees (None: all; 0: none).
@@ -66,7 +68,8 @@ def _train_config(stage: str, steps: int | None, minutes: float | None, seed: in
     return TrainConfig(max_steps=steps if steps is not None else (None if minutes else r["steps"]),
                        max_seconds=minutes * 60 if minutes else None, lr=r["lr"], warmup_steps=r["warmup_steps"],
                        weight_decay=r["weight_decay"], ema_decay=r.get("ema_decay"), seed=seed,
-                       log_every=25, checkpoint_every=100, grad_accum_steps=grad_accum_steps)
+                       log_every=25, checkpoint_every=100, grad_accum_steps=grad_accum_steps,
+                       cpu_bf16=r.get("cpu_bf16", False))
 
 
 def stage1_cached_steps(steps: int | None, minutes: float | None) -> int:
@@ -76,15 +79,6 @@ def stage1_cached_steps(steps: int | None, minutes: float | None) -> int:
     if steps is None:
         return 0 if minutes else r["cached_steps"]
     return steps * r["cached_steps"] // r["steps"]
-
-
-def diffusion_polish_steps(steps: int | None, minutes: float | None) -> int:
-    """The generator's polishing steps for a budget: the recipe's 400 after its 1,400, the same share of
-    ``--steps`` (none below 4 steps), none for ``--minutes`` (the first phase takes the whole budget)."""
-    r = RECIPE["diffusion"]
-    if steps is None:
-        return 0 if minutes else r["polish"]["steps"]
-    return steps * r["polish"]["steps"] // r["steps"]
 
 
 def _benchmark_pictures(split: str, device: str):
@@ -166,26 +160,20 @@ def _train_lm_stage(run: StageRun):
 def _train_diffusion_stage(run: StageRun):
     from .diffusion import DiffusionRecipe, TinyDiffusionPipeline, evaluate_generator, train_diffusion
     from .encoders import load_clip
+    from .layout import train_planner
 
     clip, tokenizer = load_clip(run.out_dir / "clip", device=run.device)
+    q = RECIPE["diffusion"]["planner"]
+    planner_steps = q["steps"] if run.steps is None else max(1, run.steps * q["steps"] // RECIPE["diffusion"]["steps"])
+    planner_config = TrainConfig(max_steps=planner_steps, lr=q["lr"], warmup_steps=q["warmup_steps"], weight_decay=0.0,
+                                 seed=run.seed, log_every=25, checkpoint_every=500)
+    planner, planned = train_planner(run.config, clip, tokenizer, planner_config, patch_size=DiffusionRecipe().patch_size,
+                                     batch_size=q["batch_size"], pool_size=min(q["pool_size"], planner_steps * q["batch_size"]),
+                                     device=run.device, out_dir=run.state_dir / "planner", progress=run.progress)
     pipeline, result = train_diffusion(run.config, clip, tokenizer, run.train_config, out_dir=run.state_dir,
-                                       device=run.device, progress=run.progress)
-    polish_steps = diffusion_polish_steps(run.steps, run.minutes)
-    if polish_steps:  # phase 2 continues from phase 1's EMA weights, with its own state (so it resumes too)
-        p = RECIPE["diffusion"]["polish"]
-        recipe = DiffusionRecipe(single_object_steps=0, max_objects=p["max_objects"], data_seed=p["data_seed"])
-        polish_config = TrainConfig(max_steps=polish_steps, lr=p["lr"], warmup_steps=p["warmup_steps"],
-                                    weight_decay=RECIPE["diffusion"]["weight_decay"], ema_decay=p["ema_decay"],
-                                    seed=run.seed, log_every=25, checkpoint_every=100,
-                                    grad_accum_steps=run.grad_accum_steps)
-        pipeline, polished = train_diffusion(run.config, clip, tokenizer, polish_config,
-                                             out_dir=run.state_dir / "polish", device=run.device, recipe=recipe,
-                                             unet=pipeline.unet, progress=run.progress)
-        pipeline.defaults["recipe"] = asdict(DiffusionRecipe())  # the first phase's; the second is in "polish"
-        pipeline.defaults["polish"] = {**p, "steps": polished.steps}
-        result = replace(result, steps=result.steps + polished.steps, seconds=result.seconds + polished.seconds,
-                         history=result.history + [{**h, "step": result.steps + h["step"], "phase": "polish"}
-                                                   for h in polished.history])
+                                       device=run.device, progress=run.progress,
+                                       recipe=DiffusionRecipe(layout_planner=True), planner=planner)
+    pipeline.defaults["planner"] = {**q, "steps": planned.steps}
 
     def finish() -> dict:
         # Shipped in float16 (half the bytes), sharing the CLIP folder beside it; scored as shipped and
@@ -194,9 +182,28 @@ def _train_diffusion_stage(run: StageRun):
         shipped = TinyDiffusionPipeline.from_pretrained(run.out_dir / "diffusion", device=run.device)
         captions = load_benchmark("caption")
         return {"shipped (float16 weights)": _scores(evaluate_generator(shipped, captions)),
-                "float32 weights": _scores(evaluate_generator(pipeline, captions))}
+                "float32 weights": _scores(evaluate_generator(pipeline, captions)),
+                "layout planner": layout_metrics(planner, clip, tokenizer, captions, run.device),
+                "layout planner steps": planned.steps}
 
     return result, finish
+
+
+def layout_metrics(planner, clip, tokenizer, captions, device: str = "cpu") -> dict:
+    """The share of benchmark captions whose nine cells the layout planner names all right, per split and
+    object count."""
+    from .diffusion import encode_prompts
+    from .layout import planner_accuracy
+    from .world.samples import scenes_of
+
+    table = {}
+    for split in ("test", "heldout"):
+        chosen = [s for s in captions if s.meta.get("split", "test") == split]
+        if chosen:
+            embeds, _ = encode_prompts(clip, tokenizer, [s.meta["caption"] for s in chosen], device=device)
+            table[split] = {k: round(v, 4) for k, v in
+                            planner_accuracy(planner, embeds, [scenes_of(s)[0] for s in chosen]).items()}
+    return table
 
 
 def _train_fusion_stage(run: StageRun):

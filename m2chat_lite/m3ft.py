@@ -64,7 +64,7 @@ from . import world
 from .adapter import AdapterConfig, AdapterOutput, M3Adapter, condition_span, gather_spans
 from .checkpoints import save_folder
 from .data import Image, Sample, Turn, image_to_tensor
-from .diffusion import check_caption_samples, diffusion_loss, generate_for_embeds, score_pictures
+from .diffusion import check_caption_samples, diffusion_loss, generate_for_embeds, layout_of, score_pictures
 from .encoders import encode_text
 from .fusion import (FusedLM, cached_batches, collate, encode_with_pictures, fusion_loss, load_fused, lora_merged,
                      sample_batches, save_fused, set_trainable)
@@ -394,9 +394,14 @@ def collate_precomputed(items: Sequence[dict]) -> dict:
 
 
 def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda_pooled: float = 1.0,
-                generator: torch.Generator | None = None, diffusion_rows: int | None = None
-                ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``L_diffusion + λ1·MSE(seq) + λ2·MSE(pooled)`` and its parts (floats, for logging).
+                generator: torch.Generator | None = None, diffusion_rows: int | None = None,
+                lambda_layout: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """``L_diffusion + λ1·MSE(seq) + λ2·MSE(pooled) + λ3·L_layout`` and its parts (floats, for logging).
+
+    ``L_layout`` (:func:`layout_matching_loss`) is there when the generator has a layout planner (the tiny
+    preset's): the planner must read the same scene from the adapter's sequence as from the teacher's. MSE to
+    the teacher's sequence alone leaves errors the planner is sensitive to: the stage-1 adapter trained before
+    the planner existed had an MSE of about 0.3 and the planner read 7.5% of one-object scenes from it.
 
     ``diffusion_rows`` (``None``: all) is how many rows of the batch the diffusion term sees; the two MSE
     terms see every row. The diffusion term costs a forward and a backward pass of the generator per row and
@@ -422,10 +427,29 @@ def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda
     l_seq = F.mse_loss(condition.prompt_embeds, teacher_seq)
     l_pooled = F.mse_loss(condition.pooled, teacher_pooled)
     loss = l_diffusion + lambda_seq * l_seq + lambda_pooled * l_pooled
+    planner = layout_of(model.unet)
+    l_layout = layout_matching_loss(planner, condition.prompt_embeds, teacher_seq) \
+        if planner is not None and lambda_layout else condition.prompt_embeds.new_zeros(())
+    loss = loss + lambda_layout * l_layout
     gate = condition.gate[batch["has_reference"].to(device)]
     parts = {"diffusion": l_diffusion.item(), "seq_mse": l_seq.item(), "pooled_mse": l_pooled.item(),
-             "gate": gate.mean().item() if gate.numel() else 0.0}
+             "layout": l_layout.item(), "gate": gate.mean().item() if gate.numel() else 0.0}
     return loss, parts
+
+
+def layout_matching_loss(planner, prompt_embeds: torch.Tensor, teacher_seq: torch.Tensor) -> torch.Tensor:
+    """The generator's layout planner, reading the adapter's ``prompt_embeds``, against what it reads from the
+    teacher's sequence (soft targets, no labels): a cross-entropy for "is there an object" in each cell, and for
+    each attribute one weighted by how sure the teacher's reading is that the cell holds an object."""
+    with torch.no_grad():
+        target = [x.float().softmax(-1) for x in planner.logits(teacher_seq)]
+    present, *attributes = planner.logits(prompt_embeds)
+    loss = F.cross_entropy(present.flatten(0, 1).float(), target[0].flatten(0, 1))
+    here = target[0][..., 1].flatten()  # [B·9]
+    for logits, probs in zip(attributes, target[1:]):
+        per_cell = F.cross_entropy(logits.flatten(0, 1).float(), probs.flatten(0, 1), reduction="none")
+        loss = loss + (here * per_cell).sum() / here.sum().clamp_min(1e-6)
+    return loss
 
 
 def stage2_samples(n: int, seed: int = 0, split: str = "train",

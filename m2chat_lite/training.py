@@ -5,7 +5,8 @@ model supplies only a ``loss_fn(batch) -> loss``; this loop owns the rest:
 
 - a **budget** in steps (deterministic: the same seed gives the same weights) and/or seconds;
 - AdamW with linear warm-up and cosine decay, gradient clipping, an optional EMA copy of the weights;
-- mixed precision on CUDA (``utils.autocast_context``; float16 with a gradient scaler), nothing special on CPU;
+- mixed precision on CUDA (``utils.autocast_context``; float16 with a gradient scaler), and bfloat16 on a CPU
+  with bfloat16 matrix units if asked (``cpu_bf16``);
 - a ``tqdm`` progress bar and a loss history to plot;
 - **checkpoints** written atomically every ``checkpoint_every`` steps to ``out_dir/trainer_state.pt``
   (weights, optimizer, scheduler, EMA, step, RNG states), and **resume** from it after an interruption;
@@ -39,7 +40,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .utils import amp_dtype, atomic_torch_save, autocast_context
+from .utils import amp_dtype, atomic_torch_save, autocast_context, cpu_has_bf16
 
 STATE_FILE = "trainer_state.pt"
 
@@ -59,6 +60,9 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps between checkpoints (None: only at the end)
     seed: int = 0
     grad_accum_steps: int = 1  # micro-batches per optimizer step and process (their gradients are averaged)
+    # bfloat16 autocast on a CPU too, when the CPU has bfloat16 matrix units (utils.cpu_has_bf16; ignored
+    # elsewhere). CUDA always uses mixed precision.
+    cpu_bf16: bool = False
 
     def __post_init__(self):
         if self.max_steps is None and self.max_seconds is None:
@@ -186,6 +190,7 @@ def train(model: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor], mak
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     # float16 autocast (a T4) needs its gradients scaled so small ones do not flush to zero; a no-op elsewhere
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)
+    cpu_bf16 = config.cpu_bf16 and cpu_has_bf16()
     ema = copy.deepcopy(model).eval().requires_grad_(False) if config.ema_decay else None
     history: list[dict] = []
     step = 0
@@ -220,7 +225,7 @@ def train(model: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor], mak
         losses = []
         for micro in range(accum):
             batch = make_batch((step * accum + micro) * world + rank)
-            with autocast_context(device):
+            with autocast_context(device, cpu_bf16):
                 loss = loss_fn(batch)
             scaler.scale(loss / (accum * world)).backward()  # exact when accum * world == 1
             losses.append(loss.detach())

@@ -13,6 +13,7 @@ from m2chat_lite import diffusion as D
 from m2chat_lite.benchmark import BENCHMARK_SEED, load_benchmark
 from m2chat_lite.config import get_config
 from m2chat_lite.encoders import build_clip, encode_text
+from m2chat_lite.layout import LayoutPlanner, layout_channels, train_planner
 from m2chat_lite.tokenizer import train_tokenizer
 from m2chat_lite.training import TrainConfig
 from m2chat_lite.world import text_corpus
@@ -93,62 +94,65 @@ def test_a_unet_without_pooled_conditioning_reads_the_caption_through_cross_atte
     assert D.unet_kwargs(recipe)["pooled_conditioning"] is False and D.unet_kwargs(recipe)["attention_layers"] == 2
 
 
-def test_a_text_layout_gives_each_input_position_its_own_reading_of_the_caption(small):
+def test_a_layout_planner_map_goes_into_the_unet_as_extra_input_channels(small):
     config, _, _ = small
     torch.manual_seed(0)
-    unet = D.build_unet(config, patch_size=2, layout_channels=4)  # 16 px in 2x2 patches: an 8x8 input grid
-    layout = D.layout_of(unet)
-    assert layout.config.side == 8 and layout.config.channels == 4 and D.layout_of(D.build_unet(config)) is None
-    assert unet.config.in_channels == 12 + 2 + 4  # patches, coordinates, layout
+    recipe = D.DiffusionRecipe(patch_size=2, layout_planner=True)
+    unet = D.build_unet(config, **D.unet_kwargs(recipe))  # 16 px in 2x2 patches: an 8x8 input grid
+    assert unet.config.in_channels == 12 + 2 + layout_channels() and D.layout_of(unet) is None
+    planner = LayoutPlanner(cond_dim=32, side=8, width=32, blocks=1)
+    unet.layout_planner = planner
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
     embeds, pooled = torch.randn(2, 40, 32), torch.randn(2, 32)
-    maps = layout(embeds)
-    assert maps.shape == (2, 4, 8, 8) and not torch.allclose(maps[:, :, 0, 0], maps[:, :, 7, 7])  # per place
+    maps = planner(embeds)
+    assert maps.shape == (2, layout_channels(), 8, 8)
     assert D.add_coordinates(unet, F.pixel_unshuffle(x, 2)).shape[1] == 14  # the coordinates are still added
     with torch.no_grad():
         out = D.predict_noise(unet, x, t, embeds, pooled)
         by_hand = F.pixel_shuffle(unet(torch.cat([D.add_coordinates(unet, F.pixel_unshuffle(x, 2)), maps], 1), t,
                                        encoder_hidden_states=embeds, class_labels=pooled).sample, 2)
     assert out.shape == x.shape and torch.allclose(out, by_hand, atol=1e-6)
-
-    # the thumbnail loss: the layout's first 3 channels against each patch's mean colour; dropped captions skipped
-    images = torch.rand(2, 3, 16, 16) * 2 - 1
-    expected = F.mse_loss(maps[:1, :3], F.avg_pool2d(images[:1], 2))
-    dropped = torch.cat([embeds[:1], torch.zeros_like(embeds[1:])])
-    assert torch.allclose(D.thumbnail_loss(unet, images, dropped), expected)
-    assert D.thumbnail_loss(unet, images, torch.zeros_like(embeds)) == 0
-    with pytest.raises(ValueError, match="no text layout"):
-        D.thumbnail_loss(D.build_unet(config), images, embeds)
+    # the map reaches the output: another caption's map alone changes the prediction
+    with torch.no_grad():
+        other = torch.cat([D.add_coordinates(unet, F.pixel_unshuffle(x, 2)), maps.flip(0)], 1)
+        moved = F.pixel_shuffle(unet(other, t, encoder_hidden_states=embeds, class_labels=pooled).sample, 2)
+    assert not torch.allclose(out, moved)
 
 
-def test_training_with_a_text_layout_and_saving_it(small, tmp_path):
+def test_training_with_a_layout_planner_and_saving_it(small, tmp_path):
     config, clip, tokenizer = small
-    recipe = D.DiffusionRecipe(batch_size=8, num_inference_steps=2, patch_size=2, layout_channels=4,
-                               thumbnail_weight=1.0)
-    pipe, result = D.train_diffusion(config, clip, tokenizer, TrainConfig(max_steps=30, lr=3e-3, warmup_steps=5,
-                                                                          log_every=5), recipe=recipe, progress=False)
+    recipe = D.DiffusionRecipe(batch_size=8, num_inference_steps=2, patch_size=2, layout_planner=True)
+    train = TrainConfig(max_steps=30, lr=3e-3, warmup_steps=5, log_every=5)
+    with pytest.raises(ValueError, match="train_planner"):
+        D.train_diffusion(config, clip, tokenizer, train, recipe=recipe, progress=False)  # no planner given
+    planner, _ = train_planner(config, clip, tokenizer, TrainConfig(max_steps=3, lr=1e-3, warmup_steps=1),
+                               patch_size=2, batch_size=8, pool_size=24, progress=False, width=32, blocks=1)
+    with pytest.raises(ValueError, match="layout_planner=True"):  # a planner, but no input for its map
+        D.train_diffusion(config, clip, tokenizer, train, recipe=D.DiffusionRecipe(batch_size=8, patch_size=2),
+                          planner=planner, progress=False)
+    frozen = {k: v.clone() for k, v in planner.state_dict().items()}
+    pipe, result = D.train_diffusion(config, clip, tokenizer, train, recipe=recipe, planner=planner, progress=False)
     losses = [h["loss"] for h in result.history]
     assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
-    before = D.layout_of(D.build_unet(config, **D.unet_kwargs(recipe)))
-    assert not torch.equal(before.queries, D.layout_of(pipe.unet).queries)  # the layout trained with the UNet
+    assert all(torch.equal(v, D.layout_of(pipe.unet).state_dict()[k]) for k, v in frozen.items())  # stays frozen
     folder = pipe.save_pretrained(tmp_path / "g", dtype=torch.float16)
-    assert (folder / "text_layout" / "config.json").is_file()
-    assert json.loads((folder / "pipeline.json").read_text())["text_layout"] == "text_layout"
+    assert (folder / "layout_planner" / "config.json").is_file()
+    assert json.loads((folder / "pipeline.json").read_text())["layout_planner"] == "layout_planner"
     from safetensors.torch import load_file
     unet_keys = load_file(next((folder / "unet").glob("*.safetensors"))).keys()
-    assert not any(k.startswith("text_layout") for k in unet_keys)  # the layout is saved once, in its own folder
+    assert not any(k.startswith("layout_planner") for k in unet_keys)  # saved once, in its own folder
     loaded = D.TinyDiffusionPipeline.from_pretrained(folder)
     assert D.layout_of(loaded.unet) is not None and D.layout_of(pipe.unet) is not None  # the original keeps it
     noise = torch.randn(1, 3, 16, 16)
     a = pipe(PROMPTS[0], latents=noise, output_type="pt")
     b = loaded(PROMPTS[0], latents=noise, output_type="pt")
     assert (a - b).abs().max() < 0.05  # float16 weights: the same picture up to rounding
-    for path in (folder / "text_layout").glob("*.safetensors"):
+    for path in (folder / "layout_planner").glob("*.safetensors"):
         path.write_bytes(path.read_bytes()[:50])
-    with pytest.raises(ValueError, match="cannot load the text layout"):
+    with pytest.raises(ValueError, match="cannot load the layout planner"):
         D.TinyDiffusionPipeline.from_pretrained(folder)
-    shutil.rmtree(folder / "text_layout")
-    with pytest.raises(ValueError, match="missing text_layout/config.json"):
+    shutil.rmtree(folder / "layout_planner")
+    with pytest.raises(ValueError, match="missing layout_planner/config.json"):
         D.TinyDiffusionPipeline.from_pretrained(folder)
 
 
@@ -400,12 +404,8 @@ def test_recipe_validation():
         D.DiffusionRecipe(pooled_noise=-1.0)
     with pytest.raises(ValueError, match="prediction_type"):
         D.DiffusionRecipe(prediction_type="noise")
-    with pytest.raises(ValueError, match="thumbnail_weight"):
-        D.DiffusionRecipe(thumbnail_weight=1.0)  # no text layout to train
     with pytest.raises(ValueError, match="layout_channels"):
         D.build_unet(get_config("tiny"), layout_channels=-1)
-    with pytest.raises(ValueError, match="at least 3 channels"):
-        D.TextLayout(channels=2)
     with pytest.raises(ValueError, match="unknown recipe field"):
         D.DiffusionRecipe.from_dict({"batchsize": 3})
     assert D.DiffusionRecipe.from_dict({"batch_size": 3}).batch_size == 3

@@ -94,3 +94,30 @@ def test_gradient_accumulation_equals_one_step_on_the_union_of_the_micro_batches
 
     train(model, loss_fn, union, TrainConfig(max_steps=20, lr=0.05, warmup_steps=5), progress=False)
     assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(accumulated, model.parameters()))
+
+
+def test_cpu_bf16_trains_in_bfloat16_only_where_the_cpu_has_bfloat16_units(monkeypatch):
+    import m2chat_lite.training as training
+
+    def run(cpu_bf16, has_units):
+        monkeypatch.setattr(training, "cpu_has_bf16", lambda: has_units)
+        model, loss_fn, make_batch = regression()
+        dtypes = []
+
+        def watched(batch):  # the dtype the linear layer computes in under the loop's autocast
+            dtypes.append(model(batch[0]).dtype)
+            return loss_fn(batch)
+
+        train(model, watched, make_batch, TrainConfig(max_steps=100, lr=0.05, warmup_steps=5, cpu_bf16=cpu_bf16),
+              progress=False)
+        return [p.detach().clone() for p in model.parameters()], set(dtypes)
+
+    plain, plain_dtypes = run(False, True)
+    ignored, ignored_dtypes = run(True, False)  # asked for, but this CPU would emulate it: float32 as before
+    fast, fast_dtypes = run(True, True)
+    assert plain_dtypes == ignored_dtypes == {torch.float32} and fast_dtypes == {torch.bfloat16}
+    assert all(torch.equal(a, b) for a, b in zip(plain, ignored))
+    # bfloat16 compute, float32 weights: it still fits y = 3x - 1, not bit for bit the same as float32
+    assert all(p.dtype == torch.float32 for p in fast)
+    assert abs(fast[0].item() - 3) < 0.1 and abs(fast[1].item() + 1) < 0.1
+    assert not all(torch.equal(a, b) for a, b in zip(plain, fast))
