@@ -491,10 +491,10 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
                  pool_size: int = 6000, lambda_seq: float = 1.0, lambda_pooled: float = 1.0, out_dir=None,
                  device: str = "cpu", progress: bool = True,
                  examples: Sequence[AlignmentExample] | None = None, diffusion_rows: int | None = None,
-                 cached_steps: int = 0) -> TrainResult:
+                 cached_steps: int = 0, lambda_layout: float = 1.0) -> TrainResult:
     """Stage 1 with the shared loop: adapter and ``[IMG]`` embeddings learn, all else is frozen. The data
     is ``pool_size`` ShapeWorld examples, or ``examples`` (real data: ``examples_of`` each sample);
-    ``diffusion_rows`` as in :func:`stage1_loss`.
+    ``diffusion_rows`` and the λs as in :func:`stage1_loss`.
 
     The first ``cached_steps`` steps train the adapter alone: the ``[IMG]`` embeddings wait, so the LM, the
     vision encoder and the teacher are fixed functions of the example there, computed once for the whole
@@ -525,7 +525,8 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
     last_parts: dict[str, float] = {}
 
     def loss_fn(batch: dict) -> torch.Tensor:
-        loss, parts = stage1_loss(model, batch, lambda_seq, lambda_pooled, diffusion_rows=diffusion_rows)
+        loss, parts = stage1_loss(model, batch, lambda_seq, lambda_pooled, diffusion_rows=diffusion_rows,
+                                  lambda_layout=lambda_layout)
         last_parts.update(parts)
         return loss
 

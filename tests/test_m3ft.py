@@ -173,6 +173,34 @@ def test_stage1_loss_is_the_weighted_sum_of_its_parts(tok):
     assert abs(zero.item() - parts0["diffusion"]) < 1e-6
 
 
+def test_with_a_layout_planner_stage1_also_matches_what_it_reads_from_the_teacher(tok):
+    from m2chat_lite.layout import LayoutPlanner
+
+    model = system(tok)
+    set_seed(0)
+    unet = D.build_unet(CONFIG, **D.unet_kwargs(D.DiffusionRecipe(layout_planner=True)))
+    unet.layout_planner = LayoutPlanner(cond_dim=CONFIG.cond_dim, side=CONFIG.image_size // 2, width=32, blocks=1)
+    model.unet = unet.requires_grad_(False)
+    batch = m3ft.alignment_batch(model, tok, m3ft.alignment_examples(4, seed=5))
+    g = torch.Generator().manual_seed(0)
+    loss, parts = m3ft.stage1_loss(model, batch, generator=g)
+    assert parts["layout"] > 0
+    expected = parts["diffusion"] + parts["seq_mse"] + parts["pooled_mse"] + parts["layout"]
+    assert abs(loss.item() - expected) < 1e-4
+    g = torch.Generator().manual_seed(0)
+    without, parts0 = m3ft.stage1_loss(model, batch, generator=g, lambda_layout=0.0)
+    assert parts0["layout"] == 0 and abs(loss.item() - without.item() - parts["layout"]) < 1e-4
+    # the term's gradient reaches the adapter through the frozen planner, and vanishes where the readings agree
+    planner = unet.layout_planner
+    teacher = torch.randn(3, 6, CONFIG.cond_dim)
+    student = teacher.clone().requires_grad_(True)
+    m3ft.layout_matching_loss(planner, student, teacher).backward()
+    assert student.grad.abs().max() < 1e-5
+    moved = (teacher + torch.randn_like(teacher)).requires_grad_(True)
+    m3ft.layout_matching_loss(planner, moved, teacher).backward()
+    assert moved.grad.abs().max() > 1e-4 and all(p.grad is None for p in planner.parameters())
+
+
 def test_the_diffusion_term_can_see_only_the_first_rows_of_the_batch(tok):
     model = system(tok)
     batch = m3ft.alignment_batch(model, tok, m3ft.alignment_examples(6, seed=5))
