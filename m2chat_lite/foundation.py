@@ -164,11 +164,13 @@ def _train_diffusion_stage(run: StageRun):
 
     clip, tokenizer = load_clip(run.out_dir / "clip", device=run.device)
     q = RECIPE["diffusion"]["planner"]
+    # the planner first (its own state folder, so it resumes too); `--steps N` scales its budget with the UNet's
     planner_steps = q["steps"] if run.steps is None else max(1, run.steps * q["steps"] // RECIPE["diffusion"]["steps"])
-    planner_config = TrainConfig(max_steps=planner_steps, lr=q["lr"], warmup_steps=q["warmup_steps"], weight_decay=0.0,
-                                 seed=run.seed, log_every=25, checkpoint_every=500)
-    planner, planned = train_planner(run.config, clip, tokenizer, planner_config, patch_size=DiffusionRecipe().patch_size,
-                                     batch_size=q["batch_size"], pool_size=min(q["pool_size"], planner_steps * q["batch_size"]),
+    planner_config = TrainConfig(max_steps=planner_steps, lr=q["lr"], warmup_steps=q["warmup_steps"],
+                                 weight_decay=0.0, seed=run.seed, log_every=25, checkpoint_every=500)
+    planner, planned = train_planner(run.config, clip, tokenizer, planner_config,
+                                     patch_size=DiffusionRecipe().patch_size, batch_size=q["batch_size"],
+                                     pool_size=min(q["pool_size"], planner_steps * q["batch_size"]),  # short runs
                                      device=run.device, out_dir=run.state_dir / "planner", progress=run.progress)
     pipeline, result = train_diffusion(run.config, clip, tokenizer, run.train_config, out_dir=run.state_dir,
                                        device=run.device, progress=run.progress,

@@ -429,7 +429,7 @@ def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda
     loss = l_diffusion + lambda_seq * l_seq + lambda_pooled * l_pooled
     planner = layout_of(model.unet)
     l_layout = layout_matching_loss(planner, condition.prompt_embeds, teacher_seq) \
-        if planner is not None and lambda_layout else condition.prompt_embeds.new_zeros(())
+        if planner is not None else condition.prompt_embeds.new_zeros(())  # logged even when λ3 = 0
     loss = loss + lambda_layout * l_layout
     gate = condition.gate[batch["has_reference"].to(device)]
     parts = {"diffusion": l_diffusion.item(), "seq_mse": l_seq.item(), "pooled_mse": l_pooled.item(),
