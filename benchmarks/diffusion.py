@@ -34,7 +34,7 @@ from m2chat_lite.diffusion import (DiffusionRecipe, TinyDiffusionPipeline, evalu
                                    train_diffusion)
 from m2chat_lite.encoders import load_clip
 from m2chat_lite.foundation import RECIPE as FOUNDATION_RECIPE
-from m2chat_lite.layout import train_planner
+from m2chat_lite.foundation import train_reference_planner
 from m2chat_lite.training import TrainConfig
 from m2chat_lite.utils import atomic_write_json
 
@@ -90,12 +90,8 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         planner = None
         if recipe.layout_planner:  # the recipe's planner first (its own state folder, so it resumes too)
-            q = _R["planner"]
-            planner, _ = train_planner(get_config("tiny"), clip, tokenizer,
-                                       TrainConfig(max_steps=q["steps"], lr=q["lr"], warmup_steps=q["warmup_steps"],
-                                                   weight_decay=0.0, seed=args.seed, checkpoint_every=500),
-                                       patch_size=recipe.patch_size, batch_size=q["batch_size"],
-                                       pool_size=q["pool_size"], device=args.device, out_dir=args.out / "planner")
+            planner, _ = train_reference_planner(get_config("tiny"), clip, tokenizer, seed=args.seed,
+                                                 device=args.device, out_dir=args.out / "planner")
         pipeline, result = train_diffusion(get_config("tiny"), clip, tokenizer, train_config, out_dir=args.out,
                                            device=args.device, recipe=recipe, planner=planner)
         wall = time.perf_counter() - start

@@ -160,18 +160,13 @@ def _train_lm_stage(run: StageRun):
 def _train_diffusion_stage(run: StageRun):
     from .diffusion import DiffusionRecipe, TinyDiffusionPipeline, evaluate_generator, train_diffusion
     from .encoders import load_clip
-    from .layout import train_planner
 
     clip, tokenizer = load_clip(run.out_dir / "clip", device=run.device)
     q = RECIPE["diffusion"]["planner"]
     # the planner first (its own state folder, so it resumes too); `--steps N` scales its budget with the UNet's
     planner_steps = q["steps"] if run.steps is None else max(1, run.steps * q["steps"] // RECIPE["diffusion"]["steps"])
-    planner_config = TrainConfig(max_steps=planner_steps, lr=q["lr"], warmup_steps=q["warmup_steps"],
-                                 weight_decay=0.0, seed=run.seed, log_every=25, checkpoint_every=500)
-    planner, planned = train_planner(run.config, clip, tokenizer, planner_config,
-                                     patch_size=DiffusionRecipe().patch_size, batch_size=q["batch_size"],
-                                     pool_size=min(q["pool_size"], planner_steps * q["batch_size"]),  # short runs
-                                     device=run.device, out_dir=run.state_dir / "planner", progress=run.progress)
+    planner, planned = train_reference_planner(run.config, clip, tokenizer, planner_steps, run.seed, run.device,
+                                               run.state_dir / "planner", run.progress)
     pipeline, result = train_diffusion(run.config, clip, tokenizer, run.train_config, out_dir=run.state_dir,
                                        device=run.device, progress=run.progress,
                                        recipe=DiffusionRecipe(layout_planner=True), planner=planner)
@@ -189,6 +184,22 @@ def _train_diffusion_stage(run: StageRun):
                 "layout planner steps": planned.steps}
 
     return result, finish
+
+
+def train_reference_planner(config: M2ChatConfig, clip, tokenizer, steps: int | None = None, seed: int = 0,
+                            device: str = "cpu", out_dir=None, progress: bool = True):
+    """The recipe's layout planner (``RECIPE["diffusion"]["planner"]``) on the frozen ``clip``, for ``steps``
+    (default: the recipe's); a shorter run encodes no more captions than it can use. Returns ``(planner, result)``."""
+    from .diffusion import DiffusionRecipe
+    from .layout import train_planner
+
+    q = RECIPE["diffusion"]["planner"]
+    steps = q["steps"] if steps is None else steps
+    train_config = TrainConfig(max_steps=steps, lr=q["lr"], warmup_steps=q["warmup_steps"], weight_decay=0.0,
+                               seed=seed, log_every=25, checkpoint_every=500)
+    return train_planner(config, clip, tokenizer, train_config, patch_size=DiffusionRecipe().patch_size,
+                         batch_size=q["batch_size"], pool_size=min(q["pool_size"], steps * q["batch_size"]),
+                         device=device, out_dir=out_dir, progress=progress)
 
 
 def layout_metrics(planner, clip, tokenizer, captions, device: str = "cpu") -> dict:

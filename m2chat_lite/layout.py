@@ -106,8 +106,8 @@ class LayoutPlanner(ModelMixin, ConfigMixin):
         scenes = []
         for cells, sure in zip(chosen.tolist(), sureness.tolist()):
             full = sorted((i for i in range(len(cells)) if cells[i][0]), key=lambda i: -sure[i])[:MAX_OBJECTS]
-            objects = [Obj(i // GRID, i % GRID, SHAPES[cells[i][1]], ATTRIBUTES["color"][cells[i][2]],
-                           SIZES[cells[i][3]]) for i in full]
+            objects = [Obj(i // GRID, i % GRID, *(ATTRIBUTES[name][k] for name, k in
+                                                  zip(("shape", "color", "size"), cells[i][1:]))) for i in full]
             scenes.append(Scene(tuple(objects)))
         return scenes
 

@@ -117,8 +117,8 @@ def amp_dtype(device: str | torch.device) -> torch.dtype:
 
 def autocast_context(device: str | torch.device, cpu_bf16: bool = False) -> contextlib.AbstractContextManager:
     """``torch.autocast`` with :func:`amp_dtype` on CUDA; on the CPU a do-nothing context, or with
-    ``cpu_bf16`` a bfloat16 autocast (faster where the CPU has bfloat16 matrix units: Intel AMX or
-    AVX512-BF16; see :func:`cpu_has_bf16`)."""
+    ``cpu_bf16`` a bfloat16 autocast (faster where the CPU has bfloat16 matrix units, Intel AMX: see
+    :func:`cpu_has_bf16`)."""
     device_type = _device_type(device)
     if device_type == "cuda":
         return torch.autocast(device_type="cuda", dtype=amp_dtype(device))
