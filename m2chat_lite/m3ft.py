@@ -260,9 +260,17 @@ def _cut_after_picture(sample: Sample, turn_index: int, picture_index: int) -> S
 
 
 def picture_captions(sample: Sample) -> list[str]:
-    """What the teacher reads for each picture of ``sample``: a ShapeWorld picture's scene described in full;
-    for real data (no scenes), a caption pair's caption, else the words just before the picture in its
-    turn (a story's sentence), else the user's last words (a dialogue's request)."""
+    """What the teacher reads for each picture of ``sample``.
+
+    A caption pair's own caption, the words the LM reads too, as in the paper's stage 1 (the LM and the
+    text encoder read one caption). Otherwise a ShapeWorld picture's scene described in full (a story frame
+    or an edited picture, which no words in the conversation describe whole); for real data (no scenes) the
+    words just before the picture in its turn (a story's sentence), else the user's last words (a dialogue's
+    request). Until 2026-12-03 a ShapeWorld caption pair's teacher read the scene's canonical caption instead
+    of the user's words: the adapter then had to reorder and rephrase, and learnt two-object scenes far more
+    slowly (``benchmarks/M2CHAT_RECIPE.md``, "Two objects through the adapter")."""
+    if sample.task == "caption" and sample.meta.get("caption"):
+        return [sample.meta["caption"]]
     try:
         return [world.caption(scene) for scene in scenes_of(sample)]
     except (KeyError, TypeError):

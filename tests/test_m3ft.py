@@ -51,6 +51,17 @@ def test_examples_cover_every_drawn_picture_with_the_one_before_as_reference():
     assert len(caption) == 1 and caption[0].reference is None
 
 
+def test_the_teacher_reads_a_caption_pairs_own_words_and_a_storys_scene():
+    from m2chat_lite import world
+    from m2chat_lite.world.samples import scenes_of
+
+    pair = next(s for s in make_samples("caption", 20, seed=0) if s.meta["caption"] != world.caption(scenes_of(s)[0]))
+    assert m3ft.picture_captions(pair) == [pair.meta["caption"]]  # what the user typed, as the LM reads it
+    assert m3ft.examples_of(pair)[0].caption == pair.meta["caption"]
+    story = make_samples("story", 1, seed=0)[0]
+    assert m3ft.picture_captions(story) == [world.caption(scene) for scene in scenes_of(story)]
+
+
 def test_alignment_examples_are_deterministic_and_mixed():
     a = m3ft.alignment_examples(12, seed=3)
     b = m3ft.alignment_examples(12, seed=3)
