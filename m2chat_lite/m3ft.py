@@ -262,15 +262,15 @@ def _cut_after_picture(sample: Sample, turn_index: int, picture_index: int) -> S
 def picture_captions(sample: Sample) -> list[str]:
     """What the teacher reads for each picture of ``sample``.
 
-    A caption pair's own caption, the words the LM reads too, as in the paper's stage 1 (the LM and the
-    text encoder read one caption). Otherwise a ShapeWorld picture's scene described in full (a story frame
-    or an edited picture, which no words in the conversation describe whole); for real data (no scenes) the
-    words just before the picture in its turn (a story's sentence), else the user's last words (a dialogue's
-    request). Until 2026-12-03 a ShapeWorld caption pair's teacher read the scene's canonical caption instead
-    of the user's words: the adapter then had to reorder and rephrase, and learnt two-object scenes far more
-    slowly (``benchmarks/M2CHAT_RECIPE.md``, "Two objects through the adapter")."""
-    if sample.task == "caption" and sample.meta.get("caption"):
-        return [sample.meta["caption"]]
+    A caption pair (ShapeWorld's or real, ``meta["caption"]``) gives its own caption: the words the LM reads
+    too, as in the paper's stage 1, where the LM and the text encoder read one caption. Otherwise a ShapeWorld
+    picture's scene described in full (a story frame or an edited picture, which no words in the conversation
+    describe whole); for real data (no scenes) the words just before the picture in its turn (a story's
+    sentence), else the user's last words (a dialogue's request). Until 2026-12-03 a ShapeWorld caption pair's
+    teacher read the scene's canonical caption: the adapter had to rephrase and reorder, and learnt two-object
+    scenes far more slowly (``benchmarks/M2CHAT_RECIPE.md``, "Two objects through the adapter")."""
+    if sample.meta.get("caption"):
+        return [sample.meta["caption"]] * len(sample.images())
     try:
         return [world.caption(scene) for scene in scenes_of(sample)]
     except (KeyError, TypeError):
@@ -280,7 +280,7 @@ def picture_captions(sample: Sample) -> list[str]:
         words = ""
         for segment in turn.content:
             if isinstance(segment, Image):
-                captions.append(sample.meta.get("caption") or words or request)
+                captions.append(words or request)
             elif segment.text.strip():
                 words = segment.text.strip()
         if turn.role == "user" and words:
