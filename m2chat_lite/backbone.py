@@ -41,6 +41,7 @@ are not practical to enumerate; their perplexities are reported without a refere
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -463,14 +464,16 @@ def generate_text(model, tokenizer, messages: list[dict], max_new_tokens: int = 
 # ---------------------------------------------------------------------------------------------
 
 
-def save_lm(model, tokenizer, folder: str | Path) -> Path:
+def save_lm(model, tokenizer, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Save the model and its tokenizer into one ``save_pretrained`` folder (config + safetensors).
 
-    All or nothing (``checkpoints.save_folder``): ``folder`` is either the old checkpoint or the complete
-    new one, never half-written."""
+    ``dtype=torch.float16`` stores the weights in half precision (half the bytes; ``model`` itself is left
+    as it is); :func:`load_lm` loads them back as float32. All or nothing (``checkpoints.save_folder``):
+    ``folder`` is either the old checkpoint or the complete new one, never half-written."""
     def write(tmp: Path) -> None:
         with _quiet():
-            model.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
+            stored = model if dtype is None else copy.deepcopy(model).to(dtype)
+            stored.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
         tokenizer.save_pretrained(tmp)
     return save_folder(folder, write)
 

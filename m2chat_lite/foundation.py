@@ -145,16 +145,18 @@ def _train_clip_stage(run: StageRun):
 
 
 def _train_lm_stage(run: StageRun):
-    from .backbone import benchmark_perplexity, build_tokenizer, save_lm, train_lm
+    from .backbone import benchmark_perplexity, build_tokenizer, load_lm, save_lm, train_lm
 
     tokenizer = build_tokenizer(run.config)
     model, result = train_lm(run.config, tokenizer, run.train_config, out_dir=run.state_dir, device=run.device,
                              progress=run.progress, rows=RECIPE["lm"]["rows"], n_per_task=RECIPE["lm"]["n_per_task"])
 
     def finish() -> dict:
-        metrics = benchmark_perplexity(model, tokenizer, split="test", device=run.device)
-        save_lm(model, tokenizer, run.out_dir / "lm")
-        return metrics
+        # Shipped in float16 (half the bytes, as the generator); scored as shipped and in float32 beside it
+        save_lm(model, tokenizer, run.out_dir / "lm", dtype=torch.float16)
+        shipped, _ = load_lm(run.out_dir / "lm", device=run.device)
+        return {"shipped (float16 weights)": benchmark_perplexity(shipped, tokenizer, split="test", device=run.device),
+                "float32 weights": benchmark_perplexity(model, tokenizer, split="test", device=run.device)}
 
     return result, finish
 

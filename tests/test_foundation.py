@@ -85,6 +85,26 @@ def test_the_shipped_weights_stay_within_the_budget():
 
     weights = sum(p.stat().st_size for p in REFERENCE_DIR.rglob("*.safetensors"))
     assert weights < 30e6, f"the shipped tiny system holds {weights / 1e6:.1f} MB of weights, over 30 MB"
+    foundation = sum(p.stat().st_size for part in ("clip", "lm", "diffusion")
+                     for p in (REFERENCE_DIR / part).rglob("*.safetensors"))
+    assert foundation < 25e6, f"the three foundation models hold {foundation / 1e6:.2f} MB of weights, over 25 MB"
+
+
+def test_the_lm_stage_ships_float16_weights_scored_as_shipped_and_in_float32(tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    from m2chat_lite.backbone import load_lm
+
+    record = run_stage("lm", tmp_path, steps=2, progress=False)
+    shipped, full = record["metrics"]["shipped (float16 weights)"], record["metrics"]["float32 weights"]
+    assert set(shipped) == set(full) >= {"caption", "story", "dialogue", "vqa"}
+    for task in ("caption", "story", "dialogue", "vqa"):  # half precision costs nothing a perplexity shows
+        assert shipped[task]["perplexity"] == pytest.approx(full[task]["perplexity"], rel=1e-3)
+    with safe_open(tmp_path / "lm" / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    model, _ = load_lm(tmp_path / "lm")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # computed in float32, as trained
 
 
 def test_a_shorter_stage1_budget_keeps_the_recipes_share_of_cached_steps():
