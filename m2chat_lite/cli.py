@@ -5,7 +5,7 @@ Introduced in notebook ``00_welcome``. Subcommands available now:
     m2chat-lite info [--preset NAME]        versions, the device that would be used, the presets
     m2chat-lite data --benchmark [--out D] [--force]   write the frozen ShapeWorld benchmark split
     m2chat-lite data --verify [--out D]    check the split against its manifest
-    m2chat-lite train --preset tiny --stage clip|lm|diffusion|foundation|fusion|stage1|stage2|all [--steps N | --minutes M] [--out D]
+    m2chat-lite train --preset tiny --stage clip|lm|diffusion|foundation|fusion|stage1|stage2|all [--steps N | --minutes M] [--out D] [--threads N]
     m2chat-lite generate --prompt TEXT [--n N] [--seed S] [--out D] [--via generator|m2chat] [--model D]
     m2chat-lite demo [--out page.html] [--story TEXT] [--sample]   an illustrated story and a dialogue, as HTML
     m2chat-lite chat [--out D]             a chat in the terminal; pictures saved as PNG files
@@ -130,6 +130,17 @@ def run_data(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def thread_count(value: str) -> int:
+    """argparse type for ``--threads``: a positive whole number."""
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise argparse.ArgumentTypeError(f"--threads takes a positive whole number of CPU threads, not {value!r}")
+    return threads
+
+
 # ---------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +163,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget per stage instead of steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=thread_count, default=None, metavar="N",
+                        help="CPU threads (default: torch's, one per core); the manifest records each stage's: "
+                             "to reproduce a shipped stage give its count, as another count adds floats in "
+                             "another order and trains another model")
     hub = parser.add_argument_group("hf-small (pretrained checkpoints; stage1 and stage2 only)")
     hub.add_argument("--data", type=Path, default=None,
                      help="real training data: a folder of pictures with .txt captions or a JSONL of pairs (stage1), "
@@ -171,6 +186,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.preset != "tiny":
         return run_train_pretrained(args)
     from .foundation import run  # lazy: pulls in torch and the models

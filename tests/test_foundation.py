@@ -30,6 +30,20 @@ def test_bad_stages_and_budgets_are_clear_errors(tmp_path, capsys):
     assert main(["train", "--preset", "hf-small", "--stage", "clip"]) == 2
 
 
+def test_train_takes_the_thread_count_the_manifest_records(tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", "--stage", "clip", "--steps", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+        assert json.loads((tmp_path / "manifest.json").read_text())["clip"]["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+    for bad in ("0", "-2", "two"):
+        assert main(["train", "--stage", "clip", "--threads", bad, "--out", str(tmp_path)]) == 2
+        assert "--threads takes a positive whole number" in capsys.readouterr().err
+
+
 def test_generate_rejects_empty_prompts_and_missing_models(tmp_path, capsys):
     assert main(["generate", "--prompt", "  "]) == 2
     assert main(["generate", "--prompt", "a red circle", "--model", str(tmp_path / "nothing")]) == 1
