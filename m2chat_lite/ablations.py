@@ -90,7 +90,7 @@ def train_m3ft_variants(stage1_steps: int, stage2_steps: int, fusion_dir, genera
     ``M3FT_VARIANTS``, one at a time: score each before asking for the next, because "both stages" goes on
     training the "stage 1 only" system (so the two share their stage 1 exactly; the variant without the
     stage-1 loss in stage 2 trains a copy of it). ``batch_size`` and
-    ``pool_size`` default to stage 1's recipe (128 and 6,000), used for both stages here."""
+    ``pool_size`` default to stage 1's recipe (``RECIPE["stage1"]``), used for both stages here."""
     unknown = [v for v in variants if v not in M3FT_VARIANTS]
     if unknown:
         raise ValueError(f"unknown M³FT variant {unknown[0]!r}; choose from {', '.join(M3FT_VARIANTS)}")
