@@ -206,7 +206,7 @@ def train_reference_planner(config: M2ChatConfig, clip, tokenizer, steps: int | 
                                seed=seed, log_every=25, checkpoint_every=500)
     return train_planner(config, clip, tokenizer, train_config, patch_size=DiffusionRecipe().patch_size,
                          batch_size=q["batch_size"], pool_size=min(q["pool_size"], steps * q["batch_size"]),
-                         device=device, out_dir=out_dir, progress=progress)
+                         device=device, out_dir=out_dir, progress=progress, reread_blocks=q.get("reread_blocks", 0))
 
 
 def layout_metrics(planner, clip, tokenizer, captions, device: str = "cpu") -> dict:

@@ -17,6 +17,11 @@ feeds boxes to a UNet (Li et al. 2023):
    place of the UNet's input grid gets its cell's probabilities. The UNet reads it as extra input channels
    (``diffusion.predict_noise``), so "draw a red circle *here*" is as direct as the noisy picture itself.
 
+Optionally (``reread_blocks``, 0 in the recipe) a few layers of self-attention re-read the caption first, so
+every word's state sees the words after it too: the text encoder is causal. Where the text encoder's states
+say poorly where an object is, the planner then finds it in the position words; it costs about three times
+the planner's training time (``benchmarks/DIFFUSION_RECIPE.md``, "When the planner stalls").
+
 The planner learns from the training pictures' layouts (the scenes that drew them; a real dataset would get
 them from a detector, as GLIGEN's does) with a cross-entropy per cell (:func:`planner_loss`), before the UNet
 trains, and stays frozen after. A caption dropped for classifier-free guidance (zero embeddings) gets an
@@ -60,17 +65,27 @@ class LayoutPlanner(ModelMixin, ConfigMixin):
     """Caption token states ``[B, L, cond_dim]`` → what each of the 3×3 cells holds (see the module docstring).
 
     ``side`` is the UNet's input grid (16 for 32 px pictures in 2×2 patches); ``blocks`` decoder layers of
-    ``width`` channels. :meth:`logits` gives the four classifiers' logits, :meth:`forward` the map the UNet
-    reads, :meth:`read` the scenes it names.
+    ``width`` channels, after ``reread_blocks`` layers of self-attention over the words (0: none).
+    :meth:`logits` gives the four classifiers' logits, :meth:`forward` the map the UNet reads, :meth:`read` the
+    scenes it names.
     """
 
     @register_to_config
-    def __init__(self, cond_dim: int = 128, side: int = 16, width: int = 128, heads: int = 4, blocks: int = 2):
+    def __init__(self, cond_dim: int = 128, side: int = 16, width: int = 128, heads: int = 4, blocks: int = 2,
+                 reread_blocks: int = 0):
         super().__init__()
         if side < GRID:
             raise ValueError(f"side must be at least {GRID} (one place per cell), got {side}")
+        if isinstance(reread_blocks, bool) or not isinstance(reread_blocks, int) or reread_blocks < 0:
+            raise ValueError(f"reread_blocks must be a whole number of layers, 0 or more; got {reread_blocks!r}")
         self.queries = nn.Parameter(torch.randn(GRID * GRID, width) * 0.02)
         self.words = nn.Linear(cond_dim, width) if cond_dim != width else nn.Identity()
+        # The text encoder is causal: a word's state holds only the words before it. `reread_blocks` layers
+        # of self-attention over the caption let every word see the whole caption before the cells read it.
+        self.reread = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True),
+            reread_blocks, norm=nn.LayerNorm(width), enable_nested_tensor=False) if reread_blocks else nn.Identity()
         layer = nn.TransformerDecoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.decoder = nn.TransformerDecoder(layer, blocks, norm=nn.LayerNorm(width))
@@ -82,7 +97,8 @@ class LayoutPlanner(ModelMixin, ConfigMixin):
 
     def logits(self, prompt_embeds: torch.Tensor) -> list[torch.Tensor]:
         """One ``[B, 9, classes]`` tensor per attribute of :data:`ATTRIBUTES`."""
-        cells = self.decoder(self.queries.expand(len(prompt_embeds), -1, -1), self.words(prompt_embeds))
+        words = self.reread(self.words(prompt_embeds))
+        cells = self.decoder(self.queries.expand(len(prompt_embeds), -1, -1), words)
         return [classify(cells) for classify in self.classifiers]
 
     def forward(self, prompt_embeds: torch.Tensor) -> torch.Tensor:

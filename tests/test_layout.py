@@ -1,5 +1,7 @@
 """The layout planner: its targets, its map, its loss, and that it learns to read scenes (tiny models, seconds)."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,3 +63,31 @@ def test_the_loss_is_a_cross_entropy_per_attribute_and_the_planner_learns_to_rea
         optimizer.step()
     assert planner.read(embeds) == scenes
     assert planner_accuracy(planner, embeds, scenes) == {"1 object": 1.0, "2 objects": 1.0, "all": 1.0}
+
+
+def test_rereading_lets_the_first_words_state_see_the_last_word_and_survives_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    words = torch.randn(1, 5, 16)
+    later = words.clone()
+    later[:, -1] = torch.randn(16)  # change only the caption's last word
+    plain = LayoutPlanner(cond_dim=16, side=3, width=16, blocks=1)
+    assert torch.equal(plain.reread(plain.words(words))[:, 0], plain.reread(plain.words(later))[:, 0])
+    rereader = LayoutPlanner(cond_dim=16, side=3, width=16, blocks=1, reread_blocks=1).eval()
+    assert not torch.allclose(rereader.reread(rereader.words(words))[:, 0],
+                              rereader.reread(rereader.words(later))[:, 0])
+    rereader.save_pretrained(tmp_path / "planner")
+    loaded = LayoutPlanner.from_pretrained(tmp_path / "planner").eval()
+    assert loaded.config.reread_blocks == 1
+    assert torch.equal(loaded(words), rereader(words))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="reread_blocks"):
+            LayoutPlanner(cond_dim=16, side=3, reread_blocks=bad)
+
+
+def test_a_planner_saved_before_rereading_existed_loads_without_it(tmp_path):
+    LayoutPlanner(cond_dim=16, side=3, width=16, blocks=1).save_pretrained(tmp_path / "planner")
+    config = tmp_path / "planner" / "config.json"
+    fields = json.loads(config.read_text())
+    del fields["reread_blocks"]
+    config.write_text(json.dumps(fields))
+    assert LayoutPlanner.from_pretrained(tmp_path / "planner").config.reread_blocks == 0
