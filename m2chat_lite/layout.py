@@ -80,15 +80,14 @@ class LayoutPlanner(ModelMixin, ConfigMixin):
             raise ValueError(f"reread_blocks must be a whole number of layers, 0 or more; got {reread_blocks!r}")
         self.queries = nn.Parameter(torch.randn(GRID * GRID, width) * 0.02)
         self.words = nn.Linear(cond_dim, width) if cond_dim != width else nn.Identity()
+        block = dict(d_model=width, nhead=heads, dim_feedforward=4 * width, dropout=0.0, activation="gelu",
+                     batch_first=True, norm_first=True)  # pre-norm layers, for the re-read and the decoder alike
         # The text encoder is causal: a word's state holds only the words before it. `reread_blocks` layers
         # of self-attention over the caption let every word see the whole caption before the cells read it.
-        self.reread = nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True),
-            reread_blocks, norm=nn.LayerNorm(width), enable_nested_tensor=False) if reread_blocks else nn.Identity()
-        layer = nn.TransformerDecoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.decoder = nn.TransformerDecoder(layer, blocks, norm=nn.LayerNorm(width))
+        self.reread = nn.TransformerEncoder(nn.TransformerEncoderLayer(**block), reread_blocks,
+                                            norm=nn.LayerNorm(width), enable_nested_tensor=False) \
+            if reread_blocks else nn.Identity()
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**block), blocks, norm=nn.LayerNorm(width))
         self.classifiers = nn.ModuleList(nn.Linear(width, len(values)) for values in ATTRIBUTES.values())
 
     @property
