@@ -44,10 +44,14 @@ RECIPE = {
     # `cpu_bf16`: a bfloat16 autocast on CPUs with bfloat16 matrix units (utils.cpu_has_bf16): the UNet's step
     # takes a quarter less time there (benchmarks/DIFFUSION_RECIPE.md, "Fitting 20 minutes"); the CLIP's gets slower
     # `planner`: the layout planner (m2chat_lite.layout), trained first on the CLIP's token states and frozen; the
-    # UNet reads its map of each caption (benchmarks/DIFFUSION_RECIPE.md, "The layout planner")
+    # UNet reads its map of each caption (benchmarks/DIFFUSION_RECIPE.md, "The layout planner"). `reread_blocks`: two
+    # layers re-read the caption first; without them the planner stalled on the CLIP the CLI trains on 2 threads
+    # (generator 70.8% / 8.3% of one- / two-object captions; with them 99.1% / 96.9%), at ~5 more minutes
+    # (benchmarks/DIFFUSION_RECIPE.md, "When the planner stalls")
     "diffusion": {"steps": 1400, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.0, "ema_decay": 0.995,
                   "cpu_bf16": True,
-                  "planner": {"steps": 2000, "lr": 2e-3, "warmup_steps": 100, "batch_size": 256, "pool_size": 40_000}},
+                  "planner": {"steps": 2000, "lr": 2e-3, "warmup_steps": 100, "batch_size": 256, "pool_size": 40_000,
+                              "reread_blocks": 2}},
     "fusion": {"steps": 3000, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
                "tokens_per_image": 9, "lora_rank": 16, "pool_last": True, "pool_size": 20_000},
     # M³FT. `diffusion_rows`: how many rows of each batch the diffusion term sees (None: all; 0: none).
@@ -206,7 +210,7 @@ def train_reference_planner(config: M2ChatConfig, clip, tokenizer, steps: int | 
                                seed=seed, log_every=25, checkpoint_every=500)
     return train_planner(config, clip, tokenizer, train_config, patch_size=DiffusionRecipe().patch_size,
                          batch_size=q["batch_size"], pool_size=min(q["pool_size"], steps * q["batch_size"]),
-                         device=device, out_dir=out_dir, progress=progress, reread_blocks=q.get("reread_blocks", 0))
+                         device=device, out_dir=out_dir, progress=progress, reread_blocks=q["reread_blocks"])
 
 
 def layout_metrics(planner, clip, tokenizer, captions, device: str = "cpu") -> dict:

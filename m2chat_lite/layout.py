@@ -17,10 +17,10 @@ feeds boxes to a UNet (Li et al. 2023):
    place of the UNet's input grid gets its cell's probabilities. The UNet reads it as extra input channels
    (``diffusion.predict_noise``), so "draw a red circle *here*" is as direct as the noisy picture itself.
 
-Optionally (``reread_blocks``, 0 in the recipe) a few layers of self-attention re-read the caption first, so
-every word's state sees the words after it too: the text encoder is causal. Where the text encoder's states
-say poorly where an object is, the planner then finds it in the position words; it costs about three times
-the planner's training time (``benchmarks/DIFFUSION_RECIPE.md``, "When the planner stalls").
+Before the cells read, two layers of self-attention re-read the caption (``reread_blocks``: 2 in the recipe, 0 by
+default), so every word's state sees the words after it too: the text encoder is causal. Where the text encoder's
+states say poorly where an object is, the planner then finds it in the position words; it triples the planner's
+training time (``benchmarks/DIFFUSION_RECIPE.md``, "When the planner stalls").
 
 The planner learns from the training pictures' layouts (the scenes that drew them; a real dataset would get
 them from a detector, as GLIGEN's does) with a cross-entropy per cell (:func:`planner_loss`), before the UNet

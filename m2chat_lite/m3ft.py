@@ -68,6 +68,7 @@ from .diffusion import check_caption_samples, diffusion_loss, generate_for_embed
 from .encoders import encode_text
 from .fusion import (FusedLM, cached_batches, collate, encode_with_pictures, fusion_loss, load_fused, lora_merged,
                      sample_batches, save_fused, set_trainable)
+from .layout import ATTRIBUTES
 from .tokenizer import image_gen_tokens
 from .training import TrainConfig, TrainResult, data_parallel, train
 from .utils import DATA_DIR
@@ -366,8 +367,10 @@ def precompute_alignment(model: M2ChatModel, tokenizer, examples: Sequence[Align
 
     The LM's states depend on the trainable ``[IMG]`` embeddings, so they stay exact only while those have
     not moved: :func:`train_stage1`'s ``cached_steps``. Memory: about 100 KB per tiny example (0.6 GB for
-    the recipe's 6,000); mind it at larger sizes."""
+    the recipe's 6,000); mind it at larger sizes. With a layout planner in the generator, its reading of the
+    teacher's sequence (:func:`layout_targets`) is cached too."""
     out = []
+    planner = layout_of(model.unet)
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc="stage 1: caching the frozen parts", disable=not progress, leave=False):
         batch = alignment_batch(model, tokenizer, examples[start:start + batch_size])
@@ -375,11 +378,14 @@ def precompute_alignment(model: M2ChatModel, tokenizer, examples: Sequence[Align
         teacher_seq, teacher_pooled = encode_text(model.teacher, model.teacher_tokenizer, batch["captions"],
                                                   model.device)
         targets = model.diffusion_targets(batch["target"])
+        layouts = layout_targets(planner, teacher_seq) if planner is not None else None
         for row in range(len(batch["captions"])):
             out.append({"states": inputs["states"][row, inputs["state_mask"][row]].cpu(),
                         "visual": inputs["visual"][row].cpu(), "has_reference": bool(inputs["has_reference"][row]),
                         "teacher_seq": teacher_seq[row].float().cpu(), "teacher_pooled": teacher_pooled[row].float().cpu(),
                         "diffusion_target": targets[row].cpu(), "caption": batch["captions"][row]})
+            if layouts is not None:
+                out[-1]["teacher_layout"] = layouts[row].cpu()
     return out
 
 
@@ -391,8 +397,9 @@ def collate_precomputed(items: Sequence[dict]) -> dict:
     batch = {"states": states, "state_mask": torch.arange(states.shape[1])[None] < lengths[:, None],
              "has_reference": torch.tensor([item["has_reference"] for item in items]),
              "captions": [item["caption"] for item in items]}
-    for key in ("visual", "teacher_seq", "teacher_pooled", "diffusion_target"):
-        batch[key] = torch.stack([item[key] for item in items])
+    for key in ("visual", "teacher_seq", "teacher_pooled", "diffusion_target", "teacher_layout"):
+        if key in items[0]:
+            batch[key] = torch.stack([item[key] for item in items])
     return batch
 
 
@@ -436,7 +443,8 @@ def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda
     l_pooled = F.mse_loss(condition.pooled, teacher_pooled)
     loss = l_diffusion + lambda_seq * l_seq + lambda_pooled * l_pooled
     planner = layout_of(model.unet)
-    l_layout = layout_matching_loss(planner, condition.prompt_embeds, teacher_seq) \
+    cached_layout = batch["teacher_layout"].to(device) if "teacher_layout" in batch else None
+    l_layout = layout_matching_loss(planner, condition.prompt_embeds, teacher_seq, cached_layout) \
         if planner is not None else condition.prompt_embeds.new_zeros(())  # logged even when λ3 = 0
     loss = loss + lambda_layout * l_layout
     gate = condition.gate[batch["has_reference"].to(device)]
@@ -445,12 +453,21 @@ def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda
     return loss, parts
 
 
-def layout_matching_loss(planner, prompt_embeds: torch.Tensor, teacher_seq: torch.Tensor) -> torch.Tensor:
+def layout_targets(planner, teacher_seq: torch.Tensor) -> torch.Tensor:
+    """What the frozen layout planner reads from the teacher's sequence: ``[B, 9, classes]``, the probabilities of
+    each attribute of :data:`layout.ATTRIBUTES` side by side (the soft targets of :func:`layout_matching_loss`)."""
+    with torch.no_grad():
+        return torch.cat([x.float().softmax(-1) for x in planner.logits(teacher_seq)], dim=-1)
+
+
+def layout_matching_loss(planner, prompt_embeds: torch.Tensor, teacher_seq: torch.Tensor,
+                         targets: torch.Tensor | None = None) -> torch.Tensor:
     """The generator's layout planner, reading the adapter's ``prompt_embeds``, against what it reads from the
     teacher's sequence (soft targets, no labels): a cross-entropy for "is there an object" in each cell, and for
-    each attribute one weighted by how sure the teacher's reading is that the cell holds an object."""
-    with torch.no_grad():
-        target = [x.float().softmax(-1) for x in planner.logits(teacher_seq)]
+    each attribute one weighted by how sure the teacher's reading is that the cell holds an object. ``targets``:
+    :func:`layout_targets` of ``teacher_seq`` when already computed (:func:`precompute_alignment` caches them)."""
+    targets = layout_targets(planner, teacher_seq) if targets is None else targets
+    target = targets.split([len(values) for values in ATTRIBUTES.values()], dim=-1)
     present, *attributes = planner.logits(prompt_embeds)
     loss = F.cross_entropy(present.flatten(0, 1).float(), target[0].flatten(0, 1))
     here = target[0][..., 1].flatten()  # [B·9]

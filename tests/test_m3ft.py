@@ -184,14 +184,21 @@ def test_stage1_loss_is_the_weighted_sum_of_its_parts(tok):
     assert abs(zero.item() - parts0["diffusion"]) < 1e-6
 
 
-def test_with_a_layout_planner_stage1_also_matches_what_it_reads_from_the_teacher(tok):
+def with_planner(model):
+    """``model`` with a generator that reads a (random, frozen) layout planner's map, as the tiny recipe's does."""
     from m2chat_lite.layout import LayoutPlanner
 
-    model = system(tok)
     set_seed(0)
     unet = D.build_unet(CONFIG, **D.unet_kwargs(D.DiffusionRecipe(layout_planner=True)))
-    unet.layout_planner = LayoutPlanner(cond_dim=CONFIG.cond_dim, side=CONFIG.image_size // 2, width=32, blocks=1)
+    unet.layout_planner = LayoutPlanner(cond_dim=CONFIG.cond_dim, side=CONFIG.image_size // 2, width=32, blocks=1,
+                                        reread_blocks=1)
     model.unet = unet.requires_grad_(False)
+    return model
+
+
+def test_with_a_layout_planner_stage1_also_matches_what_it_reads_from_the_teacher(tok):
+    model = with_planner(system(tok))
+    unet = model.unet
     batch = m3ft.alignment_batch(model, tok, m3ft.alignment_examples(4, seed=5))
     g = torch.Generator().manual_seed(0)
     loss, parts = m3ft.stage1_loss(model, batch, generator=g)
@@ -234,12 +241,19 @@ def test_the_diffusion_term_can_see_only_the_first_rows_of_the_batch(tok):
         m3ft.stage1_loss(model, batch, diffusion_rows=-1)
 
 
-def test_precomputed_frozen_parts_give_the_same_stage1_loss(tok):
-    model = system(tok)
+@pytest.mark.parametrize("planned", [False, True], ids=["plain generator", "with a layout planner"])
+def test_precomputed_frozen_parts_give_the_same_stage1_loss(tok, planned):
+    model = with_planner(system(tok)) if planned else system(tok)
     examples = m3ft.alignment_examples(6, seed=5)
     full = m3ft.alignment_batch(model, tok, examples)
     cached = m3ft.collate_precomputed(m3ft.precompute_alignment(model, tok, examples, batch_size=4))
     assert cached["has_reference"].tolist() == full["has_reference"].tolist()
+    # with a planner, its reading of the teacher is cached too (it is frozen): [B, 9 cells, 2 + 3 + 6 + 2 classes]
+    assert ("teacher_layout" in cached) == planned
+    if planned:
+        assert cached["teacher_layout"].shape == (6, 9, 13)
+        assert torch.allclose(cached["teacher_layout"],
+                              m3ft.layout_targets(D.layout_of(model.unet), cached["teacher_seq"]), atol=1e-6)
     for rows in (None, 2):
         loss, parts = m3ft.stage1_loss(model, full, generator=torch.Generator().manual_seed(0), diffusion_rows=rows)
         again, same = m3ft.stage1_loss(model, cached, generator=torch.Generator().manual_seed(0), diffusion_rows=rows)
