@@ -1,9 +1,10 @@
 """The reference recipe for the tiny foundation models: tokenizer, CLIP, language model, generator.
 
 Run by ``m2chat-lite train --preset tiny --stage clip|lm|diffusion|foundation [--out DIR]``; the shipped
-reference checkpoints in ``data/checkpoints/tiny/`` were made by
-``m2chat-lite train --preset tiny --stage foundation --out data/checkpoints/tiny``. Notebooks 02–04 train
-each model briefly, then load these folders to show what the full recipe gives.
+reference checkpoints in ``data/checkpoints/tiny/`` were made by ``m2chat-lite train --preset tiny --stage S
+--threads 2 --out data/checkpoints/tiny``, stage by stage (each stage is deterministic on its thread count, and
+another count trains another model). Notebooks 02–04 train each model briefly, then load these folders
+to show what the full recipe gives.
 
 Each stage writes ``DIR/<stage>/`` (a ``save_pretrained`` folder with its tokenizer) and records in
 ``DIR/manifest.json`` the exact command, package version, seed, steps, wall time, machine and metrics.

@@ -366,8 +366,8 @@ def precompute_alignment(model: M2ChatModel, tokenizer, examples: Sequence[Align
     and what the generator denoises (the target picture, or its latents).
 
     The LM's states depend on the trainable ``[IMG]`` embeddings, so they stay exact only while those have
-    not moved: :func:`train_stage1`'s ``cached_steps``. Memory: about 100 KB per tiny example (0.6 GB for
-    the recipe's 6,000); mind it at larger sizes. With a layout planner in the generator, its reading of the
+    not moved: :func:`train_stage1`'s ``cached_steps``. Memory: about 100 KB per tiny example (1.2 GB for
+    the recipe's 12,000); mind it at larger sizes. With a layout planner in the generator, its reading of the
     teacher's sequence (:func:`layout_targets`) is cached too."""
     out = []
     planner = layout_of(model.unet)
