@@ -397,9 +397,10 @@ def collate_precomputed(items: Sequence[dict]) -> dict:
     batch = {"states": states, "state_mask": torch.arange(states.shape[1])[None] < lengths[:, None],
              "has_reference": torch.tensor([item["has_reference"] for item in items]),
              "captions": [item["caption"] for item in items]}
-    for key in ("visual", "teacher_seq", "teacher_pooled", "diffusion_target", "teacher_layout"):
-        if key in items[0]:
-            batch[key] = torch.stack([item[key] for item in items])
+    for key in ("visual", "teacher_seq", "teacher_pooled", "diffusion_target"):
+        batch[key] = torch.stack([item[key] for item in items])
+    if "teacher_layout" in items[0]:  # only with a layout planner in the generator
+        batch["teacher_layout"] = torch.stack([item["teacher_layout"] for item in items])
     return batch
 
 
