@@ -11,9 +11,10 @@ per picture. The pipeline is saved to ``--out/pipeline`` (with the text encoder)
 ``--out`` (so an interrupted run resumes), the figures to ``--out/metrics.json``.
 
 This script trains the recipe (``foundation.RECIPE["diffusion"]``: a layout planner, 2,000 steps on the CLIP's
-token states, then 1,400 UNet steps reading its map) as ``m2chat-lite train --preset tiny --stage diffusion`` does;
-``--recipe '{"layout_planner": false}'`` trains the UNet alone, as the recipe did before 2026-12-02 (its first
-phase). What was measured and tried is in ``benchmarks/DIFFUSION_RECIPE.md``.
+token states, then 700 UNet steps reading its map) as ``m2chat-lite train --preset tiny --stage diffusion`` does;
+``--recipe '{"layout_planner": false, "single_object_steps": 500}'`` trains the UNet alone, as the recipe did
+before 2026-12-02 (its first phase, one-object pictures first). What was measured and tried is in
+``benchmarks/DIFFUSION_RECIPE.md``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def main(argv=None) -> dict:
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock training budget instead of steps")
     parser.add_argument("--lr", type=float, default=RECIPE["lr"])
     parser.add_argument("--seed", type=int, default=RECIPE["seed"])
-    parser.add_argument("--recipe", default='{"layout_planner": true}',
+    parser.add_argument("--recipe", default=json.dumps({"layout_planner": True,
+                                                        "single_object_steps": _R["single_object_steps"]}),
                         help='DiffusionRecipe settings as JSON, e.g. \'{"layout_planner": true, "batch_size": 16}\'')
     parser.add_argument("--eval-only", type=Path, default=None, help="score a saved pipeline folder, no training")
     parser.add_argument("--eval-test", type=int, default=300, help="benchmark test prompts to score (max 300)")

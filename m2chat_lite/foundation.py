@@ -48,9 +48,12 @@ RECIPE = {
     # UNet reads its map of each caption (benchmarks/DIFFUSION_RECIPE.md, "The layout planner"). `reread_blocks`: two
     # layers re-read the caption first; without them the planner stalled on the CLIP the CLI trains on 2 threads
     # (generator 70.8% / 8.3% of one- / two-object captions; with them 99.1% / 96.9%), at ~5 more minutes
-    # (benchmarks/DIFFUSION_RECIPE.md, "When the planner stalls")
-    "diffusion": {"steps": 1400, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.0, "ema_decay": 0.995,
-                  "cpu_bf16": True,
+    # (benchmarks/DIFFUSION_RECIPE.md, "When the planner stalls"). The UNet: 700 steps on 1-3 object pictures from the
+    # first (`single_object_steps` 0): with the planner's map it draws the test captions that 1,400 steps with a
+    # one-object curriculum drew but one (a 400-step UNet lost two- and three-object captions; DIFFUSION_RECIPE.md,
+    # "Half the UNet's steps")
+    "diffusion": {"steps": 700, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.0, "ema_decay": 0.995,
+                  "cpu_bf16": True, "single_object_steps": 0,
                   "planner": {"steps": 2000, "lr": 2e-3, "warmup_steps": 100, "batch_size": 256, "pool_size": 40_000,
                               "reread_blocks": 2}},
     "fusion": {"steps": 3000, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
@@ -174,14 +177,16 @@ def _train_diffusion_stage(run: StageRun):
     from .encoders import load_clip
 
     clip, tokenizer = load_clip(run.out_dir / "clip", device=run.device)
-    q = RECIPE["diffusion"]["planner"]
+    r, q = RECIPE["diffusion"], RECIPE["diffusion"]["planner"]
     # the planner first (its own state folder, so it resumes too); `--steps N` scales its budget with the UNet's
-    planner_steps = q["steps"] if run.steps is None else max(1, run.steps * q["steps"] // RECIPE["diffusion"]["steps"])
+    planner_steps = q["steps"] if run.steps is None else max(1, run.steps * q["steps"] // r["steps"])
     planner, planned = train_reference_planner(run.config, clip, tokenizer, planner_steps, run.seed, run.device,
                                                run.state_dir / "planner", run.progress)
     pipeline, result = train_diffusion(run.config, clip, tokenizer, run.train_config, out_dir=run.state_dir,
                                        device=run.device, progress=run.progress,
-                                       recipe=DiffusionRecipe(layout_planner=True), planner=planner)
+                                       recipe=DiffusionRecipe(layout_planner=True,
+                                                              single_object_steps=r["single_object_steps"]),
+                                       planner=planner)
     pipeline.defaults["planner"] = {**q, "steps": planned.steps}
 
     def finish() -> dict:

@@ -141,11 +141,12 @@ def test_the_generator_stage_trains_a_layout_planner_first_and_ships_it_with_the
 
     shutil.copytree(REFERENCE_DIR / "clip", tmp_path / "clip")
     record = run_stage("diffusion", tmp_path, steps=7, progress=False)
-    assert record["steps"] == 7 and record["metrics"]["layout planner steps"] == 7 * 2000 // 1400
+    assert record["steps"] == 7 and record["metrics"]["layout planner steps"] == 7 * 2000 // 700
     assert set(record["metrics"]["layout planner"]) == {"test", "heldout"}
     loaded = TinyDiffusionPipeline.from_pretrained(tmp_path / "diffusion")
     assert layout_of(loaded.unet) is not None and loaded.defaults["recipe"]["layout_planner"] is True
-    assert loaded.defaults["planner"]["steps"] == 10
+    assert loaded.defaults["planner"]["steps"] == 20
+    assert loaded.defaults["recipe"]["single_object_steps"] == 0  # the planner's map places objects from the start
     assert not (tmp_path / ".state" / "diffusion").exists()
 
 
