@@ -11,7 +11,8 @@ returns ``{metric: value}`` with the sample count and seed, using ``metrics.py``
   part teacher-forced (loss, token accuracy, ``[IMG]`` placement) and, for ``text_samples`` stories, the
   greedy story's BLEU against the benchmark's;
 - ``dialog``: each benchmark dialogue illustrated the same way: the first picture against its scene,
-  every later one as an edit of the one before (success on what changed, preservation of the rest);
+  every later one as an edit of the one before (success on what changed, preservation of the rest), also
+  split by the kind of edit and by the number of objects in the scene;
 - ``vqa``: exact answers to the visual questions, per kind.
 """
 
@@ -145,12 +146,24 @@ def eval_story(pipe, samples: Sequence[Sample], seed: int = 0, text_samples: int
             "bleu_samples": len(candidates), "frames": sum(r["frames"] for r in rows)}
 
 
+def picture_kinds(sample: Sample) -> list[str]:
+    """For each picture of a benchmark dialogue (in the order of ``scenes_of``), what made it: ``"upload"`` for
+    a user's picture, else the kind of the user's turn before the reply that drew it (``"request"`` for a new
+    picture, ``"move"``, ``"recolor"``, ``"resize"`` or ``"add"`` for an edit)."""
+    turns = sample.meta["turns"]
+    return [t["kind"] if t["kind"] == "upload" else turns[i - 1]["kind"]
+            for i, t in enumerate(turns) if t["scene"] is not None]
+
+
 def eval_dialog(pipe, samples: Sequence[Sample], seed: int = 0, progress: bool = True, two_step: bool = False) -> dict:
-    """``two_step=True`` draws the pictures with :func:`illustrate_two_step` (the baseline row)."""
+    """``two_step=True`` draws the pictures with :func:`illustrate_two_step` (the baseline row). Besides the
+    means over all edits, ``edit_success_by_kind`` and ``edit_preservation_by_kind`` split them by what the
+    user asked (move, recolor, resize, add), and ``edit_*_by_objects`` by how many objects the edited scene
+    holds: where the system fails, not only how often."""
     first, edits, gates = [], [], []
     for sample in tqdm(samples, desc="dialogues", disable=not progress):
         messages = _illustrate(pipe, sample, seed, two_step)
-        scenes = scenes_of(sample)
+        scenes, kinds = scenes_of(sample), picture_kinds(sample)
         index = 0
         for message in messages:
             for segment in message["content"] if not isinstance(message["content"], str) else []:
@@ -160,12 +173,21 @@ def eval_dialog(pipe, samples: Sequence[Sample], seed: int = 0, progress: bool =
                     if index == 0:
                         first.append(metrics.scene_scores([segment["image"]], [scenes[0]])["exact"])
                     else:
-                        edits.append(metrics.edit_scores(segment["image"], scenes[index - 1], scenes[index]))
+                        edits.append({**metrics.edit_scores(segment["image"], scenes[index - 1], scenes[index]),
+                                      "kind": kinds[index], "objects": len(scenes[index])})
                         if segment["gate"] is not None:
                             gates.append(segment["gate"])
                 index += 1
+
+    def split(key: str, by: str) -> dict:
+        return {str(group): _mean(e[key] for e in edits if e[by] == group)
+                for group in sorted({e[by] for e in edits}, key=str)}
+
     return {"first_picture_exact": _mean(first), "edit_success": _mean(e["success"] for e in edits),
             "edit_preservation": _mean(e["preservation"] for e in edits), "edit_exact": _mean(e["exact"] for e in edits),
+            "edit_success_by_kind": split("success", "kind"), "edit_preservation_by_kind": split("preservation", "kind"),
+            "edit_success_by_objects": split("success", "objects"),
+            "edit_preservation_by_objects": split("preservation", "objects"),
             "gate_mean": _mean(gates), "edits": len(edits), "first_pictures": len(first)}
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from m2chat_lite import backbone, diffusion as D, fusion, m3ft
+from m2chat_lite.benchmark import load_benchmark
 from m2chat_lite.cli import main
 from m2chat_lite.config import get_config
 from m2chat_lite.data import tensor_to_image
@@ -21,6 +22,7 @@ from m2chat_lite.pipeline import M2ChatPipeline, story_frames, user_message
 from m2chat_lite.tokenizer import IMAGE_TOKEN
 from m2chat_lite.ui import ChatWidget, page_html, save_html
 from m2chat_lite.utils import set_seed
+from m2chat_lite.world.samples import scenes_of
 
 CONFIG = get_config("tiny", lm_hidden_size=32, lm_num_layers=2, lm_num_heads=2, max_seq_len=256,
                     text_encoder_hidden_size=32, vision_hidden_size=32, vision_num_layers=1,
@@ -313,11 +315,26 @@ def test_eval_runs_every_suite_on_a_few_samples(system_dir, tmp_path, capsys):
     assert results["t2i"]["n"] == 2 and 0 <= results["t2i"]["m2chat"]["exact"] <= 1
     assert results["t2i"]["teacher"]["fid_tiny_clip"] >= 0 and results["story"]["frames"] >= 4
     assert 0 <= results["story"]["consistency"] <= 1 and results["dialog"]["edits"] >= 1
+    by_kind = results["dialog"]["edit_success_by_kind"]
+    assert by_kind and set(by_kind) <= {"move", "recolor", "resize", "add"}
+    assert set(results["dialog"]["edit_success_by_objects"]) <= {"1", "2", "3"}
     assert 0 <= results["vqa"]["exact"] <= 1 and results["meta"]["seed"] == 0
     assert results["meta"]["model"] == str(system_dir) and results["meta"]["threads"] >= 1
     printed = capsys.readouterr().out
     assert "== story (2 samples" in printed and "consistency" in printed
     assert main(["eval", "--model", str(system_dir), "--limit", "0"]) == 2
+
+
+def test_picture_kinds_name_what_made_each_picture_of_a_dialogue():
+    from m2chat_lite.evaluation import picture_kinds
+
+    dialogues = load_benchmark("dialogue", split="test")
+    assert picture_kinds(dialogues[0]) == ["upload", "resize"]  # "here is my picture." then "make the circle bigger."
+    assert picture_kinds(dialogues[2]) == ["request", "resize", "resize"]
+    for sample in dialogues:
+        kinds = picture_kinds(sample)
+        assert len(kinds) == len(scenes_of(sample)) and kinds[0] in ("upload", "request")
+        assert set(kinds[1:]) <= {"move", "recolor", "resize", "add"}
 
 
 def test_the_two_step_baseline_draws_from_the_words_before_each_picture(pipe):
