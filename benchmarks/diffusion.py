@@ -35,7 +35,7 @@ from m2chat_lite.diffusion import (DiffusionRecipe, TinyDiffusionPipeline, evalu
                                    train_diffusion)
 from m2chat_lite.encoders import load_clip
 from m2chat_lite.foundation import RECIPE as FOUNDATION_RECIPE
-from m2chat_lite.foundation import train_reference_planner
+from m2chat_lite.foundation import diffusion_recipe_settings, train_reference_planner
 from m2chat_lite.training import TrainConfig
 from m2chat_lite.utils import atomic_write_json
 
@@ -61,8 +61,7 @@ def main(argv=None) -> dict:
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock training budget instead of steps")
     parser.add_argument("--lr", type=float, default=RECIPE["lr"])
     parser.add_argument("--seed", type=int, default=RECIPE["seed"])
-    parser.add_argument("--recipe", default=json.dumps({"layout_planner": True,
-                                                        "single_object_steps": _R["single_object_steps"]}),
+    parser.add_argument("--recipe", default=json.dumps(diffusion_recipe_settings()),
                         help='DiffusionRecipe settings as JSON, e.g. \'{"layout_planner": true, "batch_size": 16}\'')
     parser.add_argument("--eval-only", type=Path, default=None, help="score a saved pipeline folder, no training")
     parser.add_argument("--eval-test", type=int, default=300, help="benchmark test prompts to score (max 300)")

@@ -172,6 +172,12 @@ def _train_lm_stage(run: StageRun):
     return result, finish
 
 
+def diffusion_recipe_settings() -> dict:
+    """The :class:`~m2chat_lite.diffusion.DiffusionRecipe` settings the recipe's generator stage changes from the
+    dataclass's defaults (also ``benchmarks/diffusion.py``'s default ``--recipe``)."""
+    return {"layout_planner": True, "single_object_steps": RECIPE["diffusion"]["single_object_steps"]}
+
+
 def _train_diffusion_stage(run: StageRun):
     from .diffusion import DiffusionRecipe, TinyDiffusionPipeline, evaluate_generator, train_diffusion
     from .encoders import load_clip
@@ -184,9 +190,7 @@ def _train_diffusion_stage(run: StageRun):
                                                run.state_dir / "planner", run.progress)
     pipeline, result = train_diffusion(run.config, clip, tokenizer, run.train_config, out_dir=run.state_dir,
                                        device=run.device, progress=run.progress,
-                                       recipe=DiffusionRecipe(layout_planner=True,
-                                                              single_object_steps=r["single_object_steps"]),
-                                       planner=planner)
+                                       recipe=DiffusionRecipe(**diffusion_recipe_settings()), planner=planner)
     pipeline.defaults["planner"] = {**q, "steps": planned.steps}
 
     def finish() -> dict:
