@@ -58,6 +58,7 @@ class AdapterConfig:
     gate_value: float = 0.5  # the gate in "fixed" mode
     semantic_positions: int = 64  # longest span of LM states the semantic branch reads
     visual_positions: int = 65  # patch features per reference picture (class token + 8x8 patches)
+    visual_reads_words: bool = False  # the visual branch also reads the LM's span (zero-initialised way in)
 
     def __post_init__(self):
         if self.gate_mode not in GATE_MODES:
@@ -93,22 +94,40 @@ class CrossAttentionBlock(nn.Module):
         return x + self.ffn(self.norm_ffn(x)), weights
 
 
+def check_length(memory: torch.Tensor, positions: nn.Parameter) -> None:
+    if memory.shape[1] > len(positions):
+        raise ValueError(f"the memory has {memory.shape[1]} positions but this branch was built for at most "
+                         f"{len(positions)}; shorten the span or raise the adapter's *_positions")
+
+
 class Branch(nn.Module):
     """Project a memory to the adapter's width and add a learned embedding of each memory position (so a
     query can ask for "the third word of the span" or "the top-left patch", not only for content), then
-    ``num_layers`` cross-attention blocks from the queries."""
+    ``num_layers`` cross-attention blocks from the queries.
 
-    def __init__(self, memory_dim: int, dim: int, num_layers: int, num_heads: int, max_positions: int):
+    With ``words_dim`` the branch reads a second memory beside the first (the visual branch: the picture's
+    patches and the LM's span, so "the square" can find the square among the patches). Its projection starts
+    at zero, so at step 0 the branch reads the words as nothing but a position."""
+
+    def __init__(self, memory_dim: int, dim: int, num_layers: int, num_heads: int, max_positions: int,
+                 words_dim: int | None = None, word_positions: int = 0):
         super().__init__()
         self.project = nn.Linear(memory_dim, dim)
         self.positions = nn.Parameter(torch.zeros(max_positions, dim))
         self.blocks = nn.ModuleList(CrossAttentionBlock(dim, num_heads) for _ in range(num_layers))
+        if words_dim is not None:
+            self.project_words = nn.Linear(words_dim, dim)
+            nn.init.zeros_(self.project_words.weight)
+            nn.init.zeros_(self.project_words.bias)
+            self.word_positions = nn.Parameter(torch.zeros(word_positions, dim))
 
-    def forward(self, queries, memory, memory_mask, need_weights=False):
-        if memory.shape[1] > len(self.positions):
-            raise ValueError(f"the memory has {memory.shape[1]} positions but this branch was built for at most "
-                             f"{len(self.positions)}; shorten the span or raise the adapter's *_positions")
+    def forward(self, queries, memory, memory_mask, need_weights=False, words=None, words_mask=None):
+        check_length(memory, self.positions)
         memory = self.project(memory) + self.positions[:memory.shape[1]]
+        if words is not None:
+            check_length(words, self.word_positions)
+            memory = torch.cat([memory, self.project_words(words) + self.word_positions[:words.shape[1]]], 1)
+            memory_mask = torch.cat([memory_mask, words_mask.bool()], 1)
         attention = []
         x = queries
         for block in self.blocks:
@@ -134,7 +153,8 @@ class M3Adapter(nn.Module):
         d = config.cond_dim
         self.queries = nn.Parameter(torch.randn(config.num_queries, d) * 0.02)
         self.semantic = Branch(config.lm_dim, d, config.num_layers, config.num_heads, config.semantic_positions)
-        self.visual = Branch(config.vision_dim, d, config.num_layers, config.num_heads, config.visual_positions)
+        self.visual = Branch(config.vision_dim, d, config.num_layers, config.num_heads, config.visual_positions,
+                             *((config.lm_dim, config.semantic_positions) if config.visual_reads_words else ()))
         self.static_gate = nn.Parameter(torch.zeros(()))  # "static": tanh(0) = 0 at first
         self.adaptive_gate = nn.Linear(2 * d, 1)  # "adaptive": zero-initialised, so it starts closed too
         nn.init.zeros_(self.adaptive_gate.weight)
@@ -142,6 +162,9 @@ class M3Adapter(nn.Module):
         self.norm_out = nn.LayerNorm(d)
         self.to_sequence = nn.Linear(d, d)
         self.to_pooled = nn.Linear(d, config.pooled_dim)
+        # with visual_reads_words: True hides the words from the visual branch, which then computes exactly
+        # what an adapter without them would (M³FT stage 1 opens them part-way: m3ft.train_stage1)
+        self.words_closed = False
 
     @property
     def gate_mode(self) -> str:
@@ -184,7 +207,9 @@ class M3Adapter(nn.Module):
             mask = torch.ones(visual.shape[:2], dtype=torch.bool, device=hidden.device) if visual_mask is None \
                 else visual_mask.bool()
             mask = mask | ~has_reference[:, None]  # a row with no picture attends to zeros, then is gated out
-            visual_out, visual_attention = self.visual(queries, visual, mask, return_attention)
+            reads_words = self.config.visual_reads_words and not self.words_closed
+            words = (hidden, hidden_mask) if reads_words else (None, None)
+            visual_out, visual_attention = self.visual(queries, visual, mask, return_attention, *words)
             visual_out = visual_out * has_reference[:, None, None]
         gate = self.gate(semantic, visual_out) * has_reference[:, None]
         fused = semantic + gate.unsqueeze(-1) * visual_out

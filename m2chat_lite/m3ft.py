@@ -161,9 +161,10 @@ class M2ChatModel(nn.Module):
 
 
 def build_m2chat(fused: FusedLM, pipeline, config, gate_mode: str = "adaptive", seed: int = 0,
-                 num_layers: int | None = None) -> M2ChatModel:
+                 num_layers: int | None = None, visual_reads_words: bool = False) -> M2ChatModel:
     """A fresh adapter (from ``seed``) sized from the fused LM, the vision encoder and the generator's text
-    encoder, around ``fused`` and the diffusion ``pipeline`` (notebook 04)."""
+    encoder, around ``fused`` and the diffusion ``pipeline`` (notebook 04). ``visual_reads_words``: the
+    adapter's visual branch reads the LM's span beside the picture (``AdapterConfig``)."""
     teacher = pipeline.text_encoder
     if teacher is None:
         raise ValueError("the pipeline has no text encoder; M³FT needs it as the teacher (load it with its CLIP)")
@@ -172,7 +173,8 @@ def build_m2chat(fused: FusedLM, pipeline, config, gate_mode: str = "adaptive", 
         lm_dim=fused.lm.config.hidden_size * len(LM_LAYERS), vision_dim=fused.vision_model.config.hidden_size,
         cond_dim=cond_dim, pooled_dim=pooled_dim, num_queries=cond_len,
         num_layers=num_layers or config.adapter_num_layers, num_heads=config.adapter_num_heads, gate_mode=gate_mode,
-        semantic_positions=CONTEXT_TOKENS + len(fused.gen_token_ids), visual_positions=vision_positions(fused))
+        semantic_positions=CONTEXT_TOKENS + len(fused.gen_token_ids), visual_positions=vision_positions(fused),
+        visual_reads_words=visual_reads_words)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         adapter = M3Adapter(adapter_config)
@@ -517,7 +519,7 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
                  pool_size: int = 6000, lambda_seq: float = 1.0, lambda_pooled: float = 1.0, out_dir=None,
                  device: str = "cpu", progress: bool = True,
                  examples: Sequence[AlignmentExample] | None = None, diffusion_rows: int | None = None,
-                 cached_steps: int = 0, lambda_layout: float = 1.0) -> TrainResult:
+                 cached_steps: int = 0, lambda_layout: float = 1.0, words_from_step: int = 0) -> TrainResult:
     """Stage 1 with the shared loop: adapter and ``[IMG]`` embeddings learn, all else is frozen. The data
     is ``pool_size`` ShapeWorld examples, or ``examples`` (real data: ``examples_of`` each sample);
     ``diffusion_rows`` and the λs as in :func:`stage1_loss`.
@@ -526,9 +528,14 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
     vision encoder and the teacher are fixed functions of the example there, computed once for the whole
     pool (:func:`precompute_alignment`) instead of at every step. Those steps see the same batches and give
     the same losses as the plain loop would with the ``[IMG]`` embeddings held still; they skip the LM's
-    forward and backward passes, the costliest part of a step. The steps after them train both groups."""
-    if cached_steps < 0:
-        raise ValueError(f"cached_steps must be 0 or more; got {cached_steps}")
+    forward and backward passes, the costliest part of a step. The steps after them train both groups.
+
+    An adapter whose visual branch reads the words too (``AdapterConfig.visual_reads_words``) has them hidden
+    from that branch before step ``words_from_step``: it first learns to read the picture alone, then where in
+    the picture the words point (trained that way from the first step it fits worse and edits fewer pictures
+    right: ``benchmarks/M2CHAT_RECIPE.md``, "The visual branch reads the words")."""
+    if cached_steps < 0 or words_from_step < 0:
+        raise ValueError(f"cached_steps and words_from_step must be 0 or more; got {cached_steps}, {words_from_step}")
     set_stage(model, "stage1")
     model.to(device)
     examples = list(examples) if examples is not None else \
@@ -548,6 +555,12 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
                 cached_batch = cached_batches(len(inputs), batch_size, train_config.seed, inputs.__getitem__,
                                               collate_precomputed)
             return cached_batch(index)
+    if words_from_step:
+        plain_batch, micro_per_step = make_batch, train_config.grad_accum_steps * data_parallel()[1]
+
+        def make_batch(index: int) -> dict:  # the loop calls the loss on each batch right after making it
+            model.adapter.words_closed = index < words_from_step * micro_per_step
+            return plain_batch(index)
     last_parts: dict[str, float] = {}
 
     def loss_fn(batch: dict) -> torch.Tensor:
@@ -556,9 +569,12 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
         last_parts.update(parts)
         return loss
 
-    with lora_merged(model.fused):  # the LoRA is frozen here: folded into the LM, the same function, faster
-        return train(model, loss_fn, make_batch, train_config, out_dir=out_dir, device=device, progress=progress,
-                     description="M³FT stage 1", log_extra=lambda: dict(last_parts))
+    try:
+        with lora_merged(model.fused):  # the LoRA is frozen here: folded into the LM, the same function, faster
+            return train(model, loss_fn, make_batch, train_config, out_dir=out_dir, device=device,
+                         progress=progress, description="M³FT stage 1", log_extra=lambda: dict(last_parts))
+    finally:
+        model.adapter.words_closed = False
 
 
 def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch_size: int = 32,

@@ -9,9 +9,9 @@ CONFIG = AdapterConfig(lm_dim=24, vision_dim=16, cond_dim=32, pooled_dim=20, num
                        num_heads=4, gate_mode="adaptive")
 
 
-def adapter(mode="adaptive", value=0.5, seed=0):
+def adapter(mode="adaptive", value=0.5, seed=0, **settings):
     torch.manual_seed(seed)
-    a = M3Adapter(AdapterConfig(**{**CONFIG.__dict__, "gate_mode": mode, "gate_value": value})).eval()
+    a = M3Adapter(AdapterConfig(**{**CONFIG.__dict__, "gate_mode": mode, "gate_value": value, **settings})).eval()
     return a
 
 
@@ -32,9 +32,10 @@ def test_outputs_have_the_generators_shapes():
     assert out.attention["visual"][0].shape == (3, 6, 5)
 
 
-def test_masked_hidden_states_do_not_matter():
+@pytest.mark.parametrize("visual_reads_words", [False, True])
+def test_masked_hidden_states_do_not_matter(visual_reads_words):
     hidden, mask, visual = inputs()
-    a = adapter()
+    a = adapter("fixed", 0.8, visual_reads_words=visual_reads_words)
     changed = hidden.clone()
     changed[0, 4:] = 100.0  # behind the mask
     with torch.no_grad():
@@ -107,6 +108,25 @@ def test_every_part_gets_gradients_when_the_gate_is_trainable():
     (out.prompt_embeds.pow(2).mean() + out.pooled.pow(2).mean()).backward()
     assert a.queries.grad.abs().sum() > 0 and a.static_gate.grad is not None and a.static_gate.grad != 0
     assert a.semantic.project.weight.grad.abs().sum() > 0
+
+
+def test_a_visual_branch_that_reads_the_words_starts_deaf_to_them_and_learns_to_listen():
+    hidden, mask, visual = inputs()
+    a = adapter("fixed", 0.8, visual_reads_words=True).train()
+    out = a(hidden, mask, visual, return_attention=True)
+    assert out.attention["visual"][0].shape == (3, 6, 5 + 7)  # the patches, then the LM's span
+    assert a.visual.project_words.weight.eq(0).all() and a.visual.word_positions.eq(0).all()
+    queries, picture = a.queries.expand(3, -1, -1), torch.ones(3, 5, dtype=torch.bool)
+    with torch.no_grad():  # at step 0 every word enters as the same zero vector: their content is unread
+        heard = a.visual(queries, visual, picture, False, hidden, mask)[0]
+        other = a.visual(queries, visual, picture, False, torch.randn_like(hidden), mask)[0]
+    assert torch.allclose(heard, other, atol=1e-6)
+    out.prompt_embeds.pow(2).mean().backward()
+    assert a.visual.project_words.weight.grad.abs().sum() > 0
+    # an adapter without the words' way in warm-starts one with it: only the new parts are missing
+    missing, unexpected = a.load_state_dict(adapter().state_dict(), strict=False)
+    assert sorted(missing) == ["visual.project_words.bias", "visual.project_words.weight", "visual.word_positions"]
+    assert not unexpected
 
 
 def test_condition_span_is_found_by_token_ids():

@@ -1,9 +1,11 @@
 """M³FT (m3ft.py): the system container, alignment examples, the two stages' losses, disjoint groups."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from m2chat_lite import backbone, diffusion as D, fusion, m3ft
+from m2chat_lite import adapter as A, backbone, diffusion as D, fusion, m3ft
 from m2chat_lite.config import get_config
 from m2chat_lite.encoders import build_clip
 from m2chat_lite.tokenizer import IMAGE_TOKEN
@@ -288,6 +290,31 @@ def test_cached_steps_train_the_adapter_alone_then_both_groups(tok, tmp_path, mo
     _, resumed = run(4, 2, out_dir=tmp_path)
     assert resumed.steps == 4 and resumed.resumed_from == 3
     with pytest.raises(ValueError, match="cached_steps"):
+        run(1, -1)
+
+
+def test_words_hidden_from_the_visual_branch_until_a_step_leave_it_a_plain_adapter_until_then(tok):
+    def run(steps, words_from_step, visual_reads_words=True):
+        model = system(tok)
+        plain = model.adapter.state_dict()
+        if visual_reads_words:  # the same adapter with the words' way in added (zero), as a warm start would
+            model.adapter = A.M3Adapter(dataclasses.replace(model.adapter.config, visual_reads_words=True))
+            assert len(model.adapter.load_state_dict(plain, strict=False).missing_keys) == 3
+        set_seed(0)
+        config = TrainConfig(max_steps=steps, lr=1e-2, warmup_steps=1, log_every=1, seed=0)
+        result = m3ft.train_stage1(model, tok, config, batch_size=4, pool_size=12, progress=False,
+                                   cached_steps=steps, words_from_step=words_from_step)
+        return model, [h["loss"] for h in result.history]
+
+    _, plain = run(2, 0, visual_reads_words=False)
+    closed, losses = run(2, 2)
+    assert losses == pytest.approx(plain, abs=1e-6)  # words hidden: the plain adapter's steps exactly
+    assert closed.adapter.visual.project_words.weight.eq(0).all()  # and their way in did not move
+    assert not closed.adapter.words_closed  # open again after training
+    opened, losses = run(3, 2)
+    assert losses[:2] == pytest.approx(plain, abs=1e-6)
+    assert opened.adapter.visual.project_words.weight.abs().sum() > 0  # the third step reads them
+    with pytest.raises(ValueError, match="words_from_step"):
         run(1, -1)
 
 
