@@ -17,7 +17,7 @@
 # others still run, and the exit code is 1 if anything failed. RESULTS_DIR, if given, receives table.md,
 # speed.log, notebooks.log and the executed notebooks.
 #
-# Settings (environment): PYTHON (python3), BUDGET (540), SPEED_TIMEOUT (300), NOTEBOOK_TIMEOUT (150, each),
+# Settings (environment): PYTHON (python3), BUDGET (540), SPEED_TIMEOUT (300; 0 skips step 2), NOTEBOOK_TIMEOUT (150, each),
 # HF_BATCH (4), SPEED_STEPS (5), NOTEBOOKS (names, each with optional ":name=value,..." parameters besides
 # device; default "04_diffusion 07_m3ft_stage1_alignment 09_interleaved_chat 11_scaling_up:checkpoints=stand-ins"),
 # SPEED_EXTRA (more arguments for speed.py), and, to rehearse the script on a CPU, DEVICE (cuda) and SYSTEM
@@ -93,7 +93,9 @@ COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "unknown")
 # 2. speed.py: tiny and hf-shapes -------------------------------------------------------------------------
 SPEED="speed.py --device $DEVICE --system $SYSTEM --steps $SPEED_STEPS --hf-batch $HF_BATCH${SPEED_EXTRA:+ $SPEED_EXTRA}"
 limit=$(allowance "$SPEED_TIMEOUT")
-if ((limit == 0)); then
+if ((SPEED_TIMEOUT == 0)); then
+    row "$SPEED" "not run (SPEED_TIMEOUT=0)"
+elif ((limit == 0)); then
     fail "$SPEED" "skipped: no time left in the budget"
 else
     echo "== $SPEED (limit $limit s)"

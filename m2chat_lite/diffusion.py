@@ -218,13 +218,19 @@ def predict_noise(unet, sample: torch.Tensor, timesteps, prompt_embeds: torch.Te
     Wraps the plain ``unet(sample, t, encoder_hidden_states=..., class_labels=...)`` call with what
     :func:`build_unet` may have added: 2×2 patches in and out (``patch_size``), the coordinate channels and
     the layout planner's map.
+
+    The UNet is fed in its own dtype (hf-small holds it in bfloat16 on a GPU, while the adapter's outputs and
+    the noisy pictures are float32) and its output comes back in ``sample``'s.
     """
     p = patch_size_of(unet)
-    x = add_coordinates(unet, F.pixel_unshuffle(sample, p) if p > 1 else sample)
+    dtype = unet.dtype
+    x = add_coordinates(unet, F.pixel_unshuffle(sample, p) if p > 1 else sample).to(dtype)
+    prompt_embeds = prompt_embeds.to(dtype)
+    pooled = None if pooled is None else pooled.to(dtype)
     layout = layout_of(unet)
     if layout is not None:
-        x = torch.cat([x, layout(prompt_embeds.to(x.dtype)).to(x.dtype)], dim=1)
-    out = unet(x, timesteps, **_unet_kwargs(unet, prompt_embeds, pooled)).sample
+        x = torch.cat([x, layout(prompt_embeds).to(dtype)], dim=1)
+    out = unet(x, timesteps, **_unet_kwargs(unet, prompt_embeds, pooled)).sample.to(sample.dtype)
     return F.pixel_shuffle(out, p) if p > 1 else out
 
 
@@ -286,8 +292,9 @@ def diffusion_loss(unet, scheduler, images: torch.Tensor, prompt_embeds: torch.T
 # ---------------------------------------------------------------------------------------------
 
 
-def encode_prompts(text_encoder, tokenizer, prompts: Sequence[str], device: str = "cpu"):
-    """``(prompt_embeds [B, cond_seq_len, cond_dim], pooled [B, pooled_dim])`` from the frozen text encoder."""
+def encode_prompts(text_encoder, tokenizer, prompts: Sequence[str], device=None):
+    """``(prompt_embeds [B, cond_seq_len, cond_dim], pooled [B, pooled_dim])`` from the frozen text encoder,
+    computed where it is and returned on ``device`` (default: there too)."""
     from .encoders import encode_text  # the tiny CLIP of notebook 02
 
     with torch.no_grad():

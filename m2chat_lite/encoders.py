@@ -66,18 +66,23 @@ def encode_text(clip: CLIPModel, tokenizer, captions: list[str], device=None) ->
     """``(hidden [B, L, d], pooled [B, p])``: the text encoder's last hidden states (padded to the model's
     length) and the projected embedding at the end token, the generator's ``prompt_embeds`` and pooled.
     ``clip`` may also be Stable Diffusion's ``CLIPTextModel`` with its ``CLIPTokenizer`` (the ``hf-small``
-    teacher): then ``pooled`` is its pooler output, as SD pipelines compute it."""
-    device = device or clip.device
+    teacher): then ``pooled`` is its pooler output, as SD pipelines compute it.
+
+    The encoder runs where its weights are; ``device``, if given, is where the two tensors are returned
+    (notebook 04 encodes on a GPU for an untrained UNet it keeps on the CPU)."""
+    on = clip.device
     if not hasattr(clip, "text_projection"):  # Stable Diffusion's CLIPTextModel (hf-small): no projection
         tokens = tokenizer(list(captions), padding="max_length", max_length=clip.config.max_position_embeddings,
                            truncation=True, return_tensors="pt")
-        out = clip(input_ids=tokens.input_ids.to(device))  # SD encodes prompts without an attention mask
-        return out.last_hidden_state, out.pooler_output
-    ids, mask = tokenize_captions(tokenizer, captions, clip.config.text_config.max_position_embeddings)
-    ids, mask = ids.to(device), mask.to(device)
-    hidden = clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    end = hidden[torch.arange(len(ids), device=device), mask.sum(1) - 1]  # the <|end|> token's state
-    return hidden, clip.text_projection(end)
+        out = clip(input_ids=tokens.input_ids.to(on))  # SD encodes prompts without an attention mask
+        hidden, pooled = out.last_hidden_state, out.pooler_output
+    else:
+        ids, mask = tokenize_captions(tokenizer, captions, clip.config.text_config.max_position_embeddings)
+        ids, mask = ids.to(on), mask.to(on)
+        hidden = clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        end = hidden[torch.arange(len(ids), device=on), mask.sum(1) - 1]  # the <|end|> token's state
+        pooled = clip.text_projection(end)
+    return (hidden, pooled) if device is None else (hidden.to(device), pooled.to(device))
 
 
 def encode_images(clip: CLIPModel, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -187,6 +187,26 @@ def test_diffusion_loss_targets_and_min_snr_weighting(small, prediction_type):
     assert torch.isfinite(weighted) and not torch.equal(plain, weighted)
 
 
+def test_a_bfloat16_unet_takes_float32_inputs_and_gives_its_answer_back_in_float32(small):
+    """hf-small holds its pretrained UNet in bfloat16 on a GPU while the adapter's outputs and the noisy
+    pictures are float32: predict_noise (and so diffusion_loss) casts at the UNet's door, outside autocast
+    too (notebook 11 calls stage 1's loss by hand), and gradients still reach the float32 embeddings."""
+    config, _, _ = small
+    torch.manual_seed(0)
+    unet = D.build_unet(config)
+    scheduler, _ = D.build_schedulers()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    embeds, pooled = torch.randn(2, 40, 32, requires_grad=True), torch.randn(2, 32)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        full = D.predict_noise(unet, images, t, embeds, pooled)
+    half = D.predict_noise(unet.to(torch.bfloat16), images, t, embeds, pooled)
+    assert half.dtype == torch.float32 and half.shape == images.shape
+    assert torch.allclose(half, full, atol=0.1)  # the same UNet, at bfloat16's precision
+    D.diffusion_loss(unet, scheduler, images, embeds, pooled, generator=torch.Generator().manual_seed(0)).backward()
+    assert embeds.grad is not None and embeds.grad.dtype == torch.float32 and embeds.grad.abs().sum() > 0
+
+
 def test_a_few_training_steps_reduce_the_loss_and_are_deterministic(small, tmp_path):
     config, clip, tokenizer = small
     recipe = D.DiffusionRecipe(batch_size=8, num_inference_steps=3)

@@ -24,6 +24,10 @@ def test_shapes(tok):
     pictures, captions = caption_batch(3, seed=1, image_size=32)
     hidden, pooled = encode_text(clip, tok, captions)
     assert hidden.shape == (3, CONFIG.cond_seq_len, 32) and pooled.shape == (3, 32)
+    # the encoder runs where its weights are; `device` only says where the answer goes (here a device
+    # holding no data at all: asking the CPU-held encoder to compute there would fail)
+    elsewhere = encode_text(clip, tok, captions, device="meta")
+    assert all(t.device.type == "meta" for t in elsewhere) and elsewhere[0].shape == hidden.shape
     patches, pooled_images = encode_images(clip, pictures)
     assert patches.shape == (3, 1 + (32 // CONFIG.vision_patch_size) ** 2, 32) and pooled_images.shape == (3, 32)
 
