@@ -48,7 +48,7 @@ RECIPE = {
              "moved_fraction": 0.25, "reshaped_fraction": 0.25},
     "lm": {"steps": 800, "lr": 4e-3, "warmup_steps": 50, "weight_decay": 0.01, "rows": 8, "n_per_task": 5000},
     # `cpu_bf16`: a bfloat16 autocast on CPUs with bfloat16 matrix units (utils.cpu_has_bf16): the UNet's step
-    # takes a quarter less time there (benchmarks/DIFFUSION_RECIPE.md, "Fitting 20 minutes"); the CLIP's gets slower
+    # takes a quarter less time there (benchmarks/DIFFUSION_RECIPE.md, "Fitting 20 minutes"); the CLIP's gets slower.
     # `planner`: the layout planner (m2chat_lite.layout), trained first on the CLIP's token states and frozen; the
     # UNet reads its map of each caption (benchmarks/DIFFUSION_RECIPE.md, "The layout planner"). `reread_blocks`: 0,
     # the planner reads the CLIP's states as they are; the recipe's CLIP before (lr 2e-3) needed two re-reading layers
