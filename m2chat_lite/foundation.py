@@ -64,8 +64,12 @@ RECIPE = {
                "tokens_per_image": 9, "lora_rank": 16, "pool_last": True, "pool_size": 20_000},
     # M³FT. `diffusion_rows`: how many rows of each batch the diffusion term sees (None: all; 0: none).
     # `cached_steps`: stage 1's first steps train the adapter alone on the frozen parts' outputs, computed once
-    # (m3ft.train_stage1); the last 50 train the [IMG] embeddings too (benchmarks/M2CHAT_RECIPE.md, "Fitting 15
-    # minutes"). `--steps N` keeps the same share cached; `--minutes` runs plain steps only.
+    # (m3ft.train_stage1); the last 25 train the [IMG] embeddings too (benchmarks/M2CHAT_RECIPE.md, "Fitting 15
+    # minutes"; 50 before "A GPU search": the adapter trained on the GPU with 25 drew the same test captions, and
+    # a plain step costs about seven cached ones). `--steps N` keeps the same share cached; `--minutes` runs plain
+    # steps only. `visual_reads_words` / `words_from_step`: the adapter's visual branch reads the LM's span too,
+    # from that step on (AdapterConfig.visual_reads_words); off: opened at step 900 it kept the story's character
+    # better and the dialogues' untouched objects and visual questions worse (M2CHAT_RECIPE.md, "A GPU search").
     # Batch 128: two-object scenes reach the adapter only after about 150,000 examples seen (batch 32 saw 48,000
     # and carried 3% of them; benchmarks/M2CHAT_RECIPE.md, "Two objects through the adapter"). A pool of 12,000
     # (was 6,000, each example seen 27 times): in the same steps stage 1 draws 93.3% of the test captions right
@@ -73,9 +77,11 @@ RECIPE = {
     # a pool learnt by heart (benchmarks/M2CHAT_RECIPE.md, "A larger pool").
     "stage1": {"steps": 1300, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
                "pool_size": 12000, "gate_mode": "adaptive", "lambda_seq": 1.0, "lambda_pooled": 1.0,
-               "diffusion_rows": 4, "cached_steps": 1250},
+               "diffusion_rows": 4, "cached_steps": 1275, "visual_reads_words": False, "words_from_step": 0},
+    # `mix`: the shares of stories, dialogues and visual questions in stage 2's pool (m3ft.stage2_samples)
     "stage2": {"steps": 300, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
-               "pool_size": 6000, "alignment_weight": 1.0, "alignment_batch_size": 16, "diffusion_rows": 0},
+               "pool_size": 6000, "alignment_weight": 1.0, "alignment_batch_size": 16, "diffusion_rows": 0,
+               "mix": {"story": 0.35, "dialogue": 0.35, "vqa": 0.3}},
 }
 
 
@@ -92,10 +98,20 @@ def _train_config(stage: str, steps: int | None, minutes: float | None, seed: in
 def stage1_cached_steps(steps: int | None, minutes: float | None) -> int:
     """Stage 1's cached steps for a budget: the recipe's share of ``--steps`` (so the last steps still train the
     ``[IMG]`` embeddings), none for ``--minutes`` (the budget's last steps are not known in advance)."""
+    return _recipe_share("cached_steps", steps, minutes)
+
+
+def stage1_words_from_step(steps: int | None, minutes: float | None) -> int:
+    """The step from which stage 1's adapter reads the words in its visual branch, for a budget: the recipe's
+    share of ``--steps``, as :func:`stage1_cached_steps`; 0 (from the start) for ``--minutes``."""
+    return _recipe_share("words_from_step", steps, minutes) if RECIPE["stage1"]["visual_reads_words"] else 0
+
+
+def _recipe_share(key: str, steps: int | None, minutes: float | None) -> int:
     r = RECIPE["stage1"]
     if steps is None:
-        return 0 if minutes else r["cached_steps"]
-    return steps * r["cached_steps"] // r["steps"]
+        return 0 if minutes else r[key]
+    return steps * r[key] // r["steps"]
 
 
 def _benchmark_pictures(split: str, device: str):
@@ -275,10 +291,12 @@ def _train_stage1(run: StageRun):
     r = RECIPE["stage1"]
     fused, tokenizer = load_fused(run.out_dir / "fusion", device=run.device)
     pipeline = TinyDiffusionPipeline.from_pretrained(run.out_dir / "diffusion", device=run.device)
-    model = build_m2chat(fused, pipeline, run.config, gate_mode=r["gate_mode"], seed=run.seed)
+    model = build_m2chat(fused, pipeline, run.config, gate_mode=r["gate_mode"], seed=run.seed,
+                         visual_reads_words=r["visual_reads_words"])
     result = train_stage1(model, tokenizer, run.train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
                           lambda_seq=r["lambda_seq"], lambda_pooled=r["lambda_pooled"],
                           diffusion_rows=r["diffusion_rows"], cached_steps=stage1_cached_steps(run.steps, run.minutes),
+                          words_from_step=stage1_words_from_step(run.steps, run.minutes),
                           out_dir=run.state_dir, device=run.device, progress=run.progress)
 
     def finish() -> dict:
@@ -304,7 +322,7 @@ def _train_stage2(run: StageRun):
     model, tokenizer, pipeline = load_system(run.out_dir / "stage1", device=run.device)
     result = train_stage2(model, tokenizer, run.train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
                           alignment_weight=r["alignment_weight"], alignment_batch_size=r["alignment_batch_size"],
-                          diffusion_rows=r["diffusion_rows"], out_dir=run.state_dir, device=run.device,
+                          diffusion_rows=r["diffusion_rows"], mix=r["mix"], out_dir=run.state_dir, device=run.device,
                           progress=run.progress)
 
     def finish() -> dict:

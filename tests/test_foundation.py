@@ -132,6 +132,19 @@ def test_a_shorter_stage1_budget_keeps_the_recipes_share_of_cached_steps():
     assert stage1_cached_steps(None, 5.0) == 0  # a time budget has no known last steps: plain steps only
 
 
+def test_a_recipe_whose_visual_branch_reads_the_words_opens_them_at_its_share_of_the_budget(monkeypatch):
+    from m2chat_lite import foundation
+    from m2chat_lite.foundation import RECIPE, stage1_words_from_step
+
+    r = RECIPE["stage1"]
+    assert not r["visual_reads_words"] and stage1_words_from_step(None, None) == 0  # the recipe: a plain adapter
+    # the option measured in benchmarks/M2CHAT_RECIPE.md: the words open while the adapter trains on cached states
+    monkeypatch.setitem(foundation.RECIPE, "stage1", {**r, "visual_reads_words": True, "words_from_step": 900})
+    assert stage1_words_from_step(None, None) == 900
+    assert stage1_words_from_step(r["steps"] // 10, None) == 900 * (r["steps"] // 10) // r["steps"]
+    assert stage1_words_from_step(None, 5.0) == 0  # a time budget: the words are read from the first step
+
+
 @pytest.mark.slow  # scores the generator on the benchmark's 400 captions twice, as the recipe does: about 3 minutes
 def test_the_generator_stage_trains_a_layout_planner_first_and_ships_it_with_the_unet(tmp_path):
     import shutil

@@ -293,6 +293,43 @@ def test_cached_steps_train_the_adapter_alone_then_both_groups(tok, tmp_path, mo
         run(1, -1)
 
 
+def test_the_cache_batches_examples_by_length_and_gives_them_back_in_order(tok, monkeypatch):
+    model = system(tok)
+    examples = m3ft.alignment_examples(10, seed=3)
+    lengths = [len(m3ft.encode_alignment(model, tok, e)["input_ids"]) for e in examples]
+    assert len(set(lengths)) > 2  # captions, stories and dialogues: conversations of different lengths
+    seen = []
+    adapter_inputs = m3ft.M2ChatModel.adapter_inputs
+
+    def spy(self, batch):
+        seen.append(batch["attention_mask"].sum(1).tolist())
+        return adapter_inputs(self, batch)
+    monkeypatch.setattr(m3ft.M2ChatModel, "adapter_inputs", spy)
+    monkeypatch.setattr(m3ft, "_CACHE_CHUNK", 8)  # two chunks: 8 examples, then 2
+    cached = m3ft.precompute_alignment(model, tok, examples, batch_size=4)
+    assert [len(b) for b in seen] == [4, 4, 2]
+    assert sorted(seen[0] + seen[1]) == seen[0] + seen[1]  # the first chunk went by length
+    assert [c["caption"] for c in cached] == [e.caption for e in examples]  # and comes back in the pool's order
+    for item, example in zip(cached, examples):
+        alone = model.adapter_inputs(m3ft.alignment_batch(model, tok, [example]))
+        assert torch.allclose(item["states"], alone["states"][0], atol=1e-5)
+
+
+def test_stage2_draws_its_pool_with_the_mix_it_is_given(tok, monkeypatch):
+    seen = []
+    stage2_samples = m3ft.stage2_samples
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("mix"))
+        return stage2_samples(*args, **kwargs)
+    monkeypatch.setattr(m3ft, "stage2_samples", spy)
+    config = TrainConfig(max_steps=1, lr=1e-3, warmup_steps=1, log_every=1, seed=0)
+    m3ft.train_stage2(system(tok), tok, config, batch_size=4, pool_size=8, progress=False, alignment_weight=0,
+                      mix={"vqa": 1.0})
+    assert seen == [{"vqa": 1.0}]
+    assert {s.task for s in m3ft.stage2_samples(8, mix={"vqa": 1.0})} == {"vqa"}
+
+
 def test_words_hidden_from_the_visual_branch_until_a_step_leave_it_a_plain_adapter_until_then(tok):
     def run(steps, words_from_step, visual_reads_words=True):
         model = system(tok)
