@@ -381,7 +381,7 @@ def precompute_alignment(model: M2ChatModel, tokenizer, examples: Sequence[Align
     for chunk_start in range(0, len(examples), _CACHE_CHUNK):
         # batch examples of about the same length together (within a chunk, to bound the memory of the encoded
         # examples): a batch pads every conversation to its longest, and the LM's pass over the padding is
-        # wasted; sorted, caching the recipe's pool takes about a third less time
+        # wasted; sorted, caching takes a quarter to a third less time (benchmarks/M2CHAT_RECIPE.md, "A GPU search")
         items = [encode_alignment(model, tokenizer, e) for e in examples[chunk_start:chunk_start + _CACHE_CHUNK]]
         order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
         for start in range(0, len(order), batch_size):
