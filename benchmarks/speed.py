@@ -123,7 +123,10 @@ def cached_stage1_rows(model, tokenizer, batch_size: int, loss_fn, steps: int, d
     per_example = sum(t.numel() * t.element_size() for item in items for t in item.values()
                       if isinstance(t, torch.Tensor)) / len(items)
     params = [p for p in model.adapter.parameters() if p.requires_grad]
-    seconds = timed(step_fn(model, loss_fn, m3ft.collate_precomputed(items[:batch_size]), params), steps, device)
+    # a batch drawn as the recipe draws them (captions, stories and dialogues mixed, about half with a picture
+    # before theirs): the first examples alone are all captions, with no reference, where the visual branch is skipped
+    batch = fusion.cached_batches(len(items), batch_size, 0, items.__getitem__, m3ft.collate_precomputed)(0)
+    seconds = timed(step_fn(model, loss_fn, batch, params), steps, device)
     return [(f"M³FT stage 1: cached step (adapter alone, {r['cached_steps']} of the recipe's {r['steps']}), "
              f"batch {batch_size}", f"{seconds:.3f} s ({1 / seconds:.2f} steps/s)"),
             (f"M³FT stage 1: the cache for the recipe's {r['pool_size']:,} examples (tensors, mean of {sample})",

@@ -81,7 +81,7 @@ RECIPE = {
     # `mix`: the shares of stories, dialogues and visual questions in stage 2's pool (m3ft.stage2_samples)
     "stage2": {"steps": 300, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
                "pool_size": 6000, "alignment_weight": 1.0, "alignment_batch_size": 16, "diffusion_rows": 0,
-               "mix": {"story": 0.35, "dialogue": 0.35, "vqa": 0.3}},
+               "mix": {"story": 0.35, "dialogue": 0.35, "vqa": 0.3}, "per_conversation": False},
 }
 
 
@@ -322,8 +322,8 @@ def _train_stage2(run: StageRun):
     model, tokenizer, pipeline = load_system(run.out_dir / "stage1", device=run.device)
     result = train_stage2(model, tokenizer, run.train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
                           alignment_weight=r["alignment_weight"], alignment_batch_size=r["alignment_batch_size"],
-                          diffusion_rows=r["diffusion_rows"], mix=r["mix"], out_dir=run.state_dir, device=run.device,
-                          progress=run.progress)
+                          diffusion_rows=r["diffusion_rows"], mix=r["mix"], per_conversation=r["per_conversation"],
+                          out_dir=run.state_dir, device=run.device, progress=run.progress)
 
     def finish() -> dict:
         metrics = stage2_metrics(model, tokenizer, pipeline)

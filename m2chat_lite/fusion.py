@@ -352,18 +352,31 @@ def collate(items: Sequence[dict], pad_id: int, padding_side: str = "right") -> 
             "pixel_values": torch.cat([item["pixel_values"] for item in items])}
 
 
-def shifted_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy over labelled tokens (the LM's own loss, spelled out)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+def shifted_loss(logits: torch.Tensor, labels: torch.Tensor, per_sequence: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy over labelled tokens (the LM's own loss, spelled out): the mean over every
+    labelled token of the batch, or with ``per_sequence`` the mean over the rows that have labels of each row's
+    own mean, so that a two-token answer weighs as much as a sixty-token story."""
+    if not per_sequence:
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                               ignore_index=IGNORE_INDEX)
+    targets = labels[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX,
+                             reduction="none")  # [B, T-1], 0 where ignored
+    counts = (targets != IGNORE_INDEX).sum(1)
+    labelled = counts > 0
+    if not labelled.any():  # as the token mean does: nothing to learn from is NaN, not a silent 0
+        return losses.sum() / 0.0
+    return (losses.sum(1)[labelled] / counts[labelled]).mean()
 
 
-def fusion_loss(model: FusedLM, batch: dict) -> torch.Tensor:
-    """The LM loss on the labelled (assistant) tokens of a batch from :func:`collate`."""
+def fusion_loss(model: FusedLM, batch: dict, per_sequence: bool = False) -> torch.Tensor:
+    """The LM loss on the labelled (assistant) tokens of a batch from :func:`collate` (``per_sequence``: as
+    :func:`shifted_loss`)."""
     device = model.device
     out = model(batch["input_ids"].to(device), batch["pixel_values"].to(device),
                 attention_mask=batch["attention_mask"].to(device), position_ids=batch["position_ids"].to(device),
                 use_cache=False)
-    return shifted_loss(out.logits, batch["labels"].to(device))
+    return shifted_loss(out.logits, batch["labels"].to(device), per_sequence)
 
 
 def sample_batches(tokenizer, samples: Sequence[Sample], tokens_per_image: int, batch_size: int,

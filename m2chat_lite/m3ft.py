@@ -505,18 +505,20 @@ def stage2_samples(n: int, seed: int = 0, split: str = "train",
     return samples
 
 
-def stage2_loss(model: M2ChatModel, batch: dict) -> torch.Tensor:
-    """The LM's loss on the assistant's tokens (words and ``[IMG]`` spans), pictures in context."""
-    return fusion_loss(model.fused, batch)
+def stage2_loss(model: M2ChatModel, batch: dict, per_conversation: bool = False) -> torch.Tensor:
+    """The LM's loss on the assistant's tokens (words and ``[IMG]`` spans), pictures in context: the mean over
+    the batch's tokens, or with ``per_conversation`` over its conversations of each one's mean (``fusion.shifted_loss``)."""
+    return fusion_loss(model.fused, batch, per_sequence=per_conversation)
 
 
 def stage2_objective(model: M2ChatModel, instruction: dict, aligned: dict | None = None,
                      alignment_weight: float = 1.0, lambda_seq: float = 1.0, lambda_pooled: float = 1.0,
-                     diffusion_rows: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                     diffusion_rows: int | None = None,
+                     per_conversation: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """What a stage-2 step minimises: :func:`stage2_loss` on an ``instruction`` batch, plus
     ``alignment_weight`` × :func:`stage1_loss` on an ``aligned`` batch (:func:`alignment_batch`). The adapter
     is frozen in stage 2, so the second term only moves the LoRA: it keeps the states the adapter reads."""
-    l_lm = stage2_loss(model, instruction)
+    l_lm = stage2_loss(model, instruction, per_conversation)
     if aligned is None or not alignment_weight:
         return l_lm, {"lm": l_lm.item()}
     l_aligned, parts = stage1_loss(model, aligned, lambda_seq, lambda_pooled, diffusion_rows=diffusion_rows)
@@ -596,13 +598,14 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
                  progress: bool = True, samples: Sequence[Sample] | None = None, alignment_weight: float = 1.0,
                  alignment_batch_size: int | None = None, examples: Sequence[AlignmentExample] | None = None,
                  lambda_seq: float = 1.0, lambda_pooled: float = 1.0, diffusion_rows: int | None = None,
-                 mix: dict[str, float] | None = None) -> TrainResult:
+                 mix: dict[str, float] | None = None, per_conversation: bool = False) -> TrainResult:
     """Stage 2 with the shared loop: LoRA, projector and fusion gate learn; the adapter is frozen. The data
     is ``pool_size`` ShapeWorld stories, dialogues and questions (shares from ``mix``, as
     :func:`stage2_samples`), or ``samples`` (real data). Each step adds
     ``alignment_weight`` × stage 1's loss on ``alignment_batch_size`` alignment examples (``batch_size // 2``
     by default): ShapeWorld's, or ``examples`` (default with ``samples``: the pictures they draw), with
-    ``diffusion_rows`` as in :func:`stage1_loss`."""
+    ``diffusion_rows`` as in :func:`stage1_loss`. ``per_conversation``: the LM loss weighs each conversation
+    once (:func:`stage2_loss`), not each token, so a visual question's one-word answer counts as much as a story."""
     set_stage(model, "stage2", train_adapter_gate)
     model.to(device)
     if samples is not None and examples is None:  # real data: align on the pictures it draws
@@ -625,7 +628,8 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
         return instruction_batch(step), alignment(step) if alignment is not None else None
 
     def loss_fn(batch: tuple[dict, dict | None]) -> torch.Tensor:
-        loss, parts = stage2_objective(model, *batch, alignment_weight, lambda_seq, lambda_pooled, diffusion_rows)
+        loss, parts = stage2_objective(model, *batch, alignment_weight, lambda_seq, lambda_pooled, diffusion_rows,
+                                       per_conversation)
         last_parts.update(parts)
         return loss
 

@@ -57,6 +57,37 @@ def test_no_reference_picture_means_no_visual_influence_and_a_zero_gate():
     assert out.gate[0].eq(0).all() and out.gate[1].eq(0.8).all()
 
 
+@pytest.mark.parametrize("visual_reads_words", [False, True])
+def test_the_visual_branch_runs_only_on_rows_with_a_picture_and_computes_the_same(visual_reads_words):
+    """Rows without a reference skip the visual branch; the batch's outputs and gradients are those of each row
+    run alone (a row with a picture runs the branch on the whole batch, a row without one skips it)."""
+    hidden, mask, visual = inputs(b=4)
+    a = adapter("adaptive", visual_reads_words=visual_reads_words)
+    with torch.no_grad():  # open the gate and the words' way in, so that both matter
+        a.adaptive_gate.bias.fill_(0.7)
+        if visual_reads_words:
+            a.visual.project_words.weight.normal_(0, 0.1)
+    has_ref = torch.tensor([True, False, True, False])
+    out = a(hidden, mask, visual, has_reference=has_ref, return_attention=True)
+    (out.prompt_embeds.square().sum() + out.pooled.square().sum()).backward()
+    batch_grad = {n: p.grad.clone() for n, p in a.named_parameters() if p.grad is not None}
+    a.zero_grad()
+    rows = [a(hidden[i:i + 1], mask[i:i + 1], visual[i:i + 1], has_reference=has_ref[i:i + 1]) for i in range(4)]
+    sum(r.prompt_embeds.square().sum() + r.pooled.square().sum() for r in rows).backward()
+    for i, r in enumerate(rows):
+        assert torch.allclose(out.prompt_embeds[i], r.prompt_embeds[0], atol=1e-5)
+        assert torch.allclose(out.gate[i], r.gate[0], atol=1e-6)
+    for name, grad in batch_grad.items():
+        assert torch.allclose(grad, dict(a.named_parameters())[name].grad, atol=1e-4), name
+    assert out.gate[1].eq(0).all() and out.gate[0].gt(0).all()
+    words = 7 if visual_reads_words else 0
+    assert [w.shape for w in out.attention["visual"]] == [(4, 6, 5 + words)] * 2
+    assert out.attention["visual"][0][[1, 3]].eq(0).all() and out.attention["visual"][0][[0, 2]].sum(-1).allclose(
+        torch.ones(2, 6))
+    none = a(hidden, mask, visual, has_reference=torch.zeros(4, dtype=torch.bool), return_attention=True)
+    assert none.gate.eq(0).all() and [w.shape for w in none.attention["visual"]] == [(4, 6, 5 + words)] * 2
+
+
 @pytest.mark.parametrize("mode", ["off", "static", "adaptive"])
 def test_gates_that_start_closed_ignore_the_picture(mode):
     hidden, mask, visual = inputs()

@@ -280,3 +280,22 @@ def test_lora_merged_gives_the_same_states_and_restores_the_lm_exactly(tok, clip
     with pytest.raises(ValueError, match="LoRA is training"):
         with fusion.lora_merged(model):
             pass
+
+
+def test_the_per_sequence_loss_weighs_each_row_once():
+    """``shifted_loss(per_sequence=True)``: each labelled row's own mean token loss, averaged over those rows; the
+    token mean lets a long row outweigh a short one. Rows with no label are left out; none at all is NaN."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11)
+    labels = torch.full((3, 6), IGNORE_INDEX)
+    labels[0, 1:6] = torch.tensor([1, 2, 3, 4, 5])  # a long answer: five targets
+    labels[1, 4] = 7  # a one-token answer
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX,
+                                                  reduction="none")
+    long_row, short_row = per_token[0].sum() / 5, per_token[1, 3]
+    assert torch.allclose(fusion.shifted_loss(logits, labels, per_sequence=True), (long_row + short_row) / 2)
+    assert torch.allclose(fusion.shifted_loss(logits, labels), (per_token[0].sum() + short_row) / 6)
+    same_lengths = labels.clone()
+    same_lengths[1] = labels[0]
+    assert torch.allclose(fusion.shifted_loss(logits, same_lengths, per_sequence=True), fusion.shifted_loss(logits, same_lengths))
+    assert torch.isnan(fusion.shifted_loss(logits, torch.full((3, 6), IGNORE_INDEX), per_sequence=True))

@@ -330,6 +330,27 @@ def test_stage2_draws_its_pool_with_the_mix_it_is_given(tok, monkeypatch):
     assert {s.task for s in m3ft.stage2_samples(8, mix={"vqa": 1.0})} == {"vqa"}
 
 
+def test_stage2_weighs_each_conversation_once_when_asked(tok, monkeypatch):
+    """``per_conversation`` reaches the LM loss (``fusion.shifted_loss(per_sequence=True)``) and changes it: a
+    batch of stories and one-word answers gives another loss than the token mean."""
+    seen = []
+    shifted_loss = fusion.shifted_loss
+
+    def spy(logits, labels, per_sequence=False):
+        seen.append(per_sequence)
+        return shifted_loss(logits, labels, per_sequence)
+    monkeypatch.setattr(fusion, "shifted_loss", spy)
+    config = TrainConfig(max_steps=1, lr=1e-3, warmup_steps=1, log_every=1, seed=0)
+    model = system(tok)
+    m3ft.train_stage2(model, tok, config, batch_size=4, pool_size=8, progress=False, alignment_weight=0,
+                      per_conversation=True)
+    assert seen == [True]
+    batch = fusion.sample_batches(tok, m3ft.stage2_samples(8, mix={"story": 0.5, "vqa": 0.5}),
+                                  model.fused.tokens_per_image, 8)(0)
+    with torch.no_grad():
+        assert not torch.allclose(m3ft.stage2_loss(model, batch, per_conversation=True), m3ft.stage2_loss(model, batch))
+
+
 def test_words_hidden_from_the_visual_branch_until_a_step_leave_it_a_plain_adapter_until_then(tok):
     def run(steps, words_from_step, visual_reads_words=True):
         model = system(tok)
