@@ -111,7 +111,8 @@ def train_m3ft_variants(stage1_steps: int, stage2_steps: int, fusion_dir, genera
         # the alignment batch: train_stage2's default, half the batch (the recipe's 16 of 32)
         result = train_stage2(model, tokenizer, _config("stage2", stage2_steps, seed), batch_size=batch,
                               pool_size=pool, alignment_weight=alignment_weight, progress=progress,
-                              diffusion_rows=RECIPE["stage2"]["diffusion_rows"])
+                              diffusion_rows=RECIPE["stage2"]["diffusion_rows"],
+                              per_conversation=RECIPE["stage2"]["per_conversation"])
         return {"stage2_steps": result.steps, "stage2_seconds": round(time.perf_counter() - start),
                 "stage2_alignment_weight": alignment_weight, "stage2_final": _final_parts(result)}
 
