@@ -11,7 +11,7 @@ because this is the part of M²Chat a student should see built:
   the memory gets a learned embedding per position, so queries can address words by place as well as content;
 - a **visual branch**: the same blocks over *low-level* patch features (an early layer of the vision
   encoder) of the **reference picture**, the most recent picture in the conversation, given or drawn;
-  when there is none the branch is masked out;
+  a row with none skips the branch (its output is zero and its gate 0);
 - a **gate** ``g`` that fuses them, ``fused = semantic + g · visual``, in one of four modes:
 
   ========== ===================================================================================

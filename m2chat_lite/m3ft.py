@@ -31,7 +31,8 @@ function, fewer matrix products.
 **Stage 2, visual instruction** (``stage2_loss``). A disjoint group trains: LoRA on the LM, the projector and
 the fusion gate (notebook 05); the adapter is frozen (its gate too, unless ``train_adapter_gate=True``, which
 only the gate ablations of notebook 10 use). The loss is the LM's loss on the assistant's tokens of stories,
-dialogues and visual questions: the words, and when to write the ``[IMG]`` span, **plus** stage 1's loss on
+dialogues and visual questions: the words, and when to write the ``[IMG]`` span (in the recipe each conversation
+weighs once, ``per_conversation``, so a one-word answer counts as much as a story), **plus** stage 1's loss on
 alignment examples, weighted by ``alignment_weight`` (1 by default), as the official stage 2 keeps its three
 losses. The adapter is frozen, so that term moves only the LoRA: it keeps the hidden states the adapter reads
 where stage 1 left them. Without it (``alignment_weight=0``) the LoRA drifts those states and the pictures
