@@ -227,7 +227,7 @@ class M3Adapter(nn.Module):
         rows = has_reference.nonzero().flatten()
         out = torch.zeros_like(queries)
         attention = None
-        if len(rows):
+        if len(rows):  # (not run on an empty batch: nn.MultiheadAttention cannot return its weights for one)
             words = tuple(w[rows] if w is not None else None for w in words)
             part, part_attention = self.visual(queries[rows], visual[rows], mask[rows], return_attention, *words)
             out = out.index_copy(0, rows, part)

@@ -363,9 +363,7 @@ def shifted_loss(logits: torch.Tensor, labels: torch.Tensor, per_sequence: bool 
     losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX,
                              reduction="none")  # [B, T-1], 0 where ignored
     counts = (targets != IGNORE_INDEX).sum(1)
-    labelled = counts > 0
-    if not labelled.any():  # as the token mean does: nothing to learn from is NaN, not a silent 0
-        return losses.sum() / 0.0
+    labelled = counts > 0  # with none, the mean of nothing is NaN, as the token mean's is
     return (losses.sum(1)[labelled] / counts[labelled]).mean()
 
 
