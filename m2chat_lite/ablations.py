@@ -50,9 +50,11 @@ def _config(stage: str, steps: int, seed: int) -> TrainConfig:
 
 
 def _stage1_recipe(steps: int) -> dict:
-    """The recipe's stage-1 speed knobs for a budget of ``steps``: the diffusion term's rows and the recipe's
-    share of cached steps (``foundation.RECIPE``), so a variant differs from the recipe only where it says."""
-    return {"diffusion_rows": RECIPE["stage1"]["diffusion_rows"], "cached_steps": stage1_cached_steps(steps, None)}
+    """The recipe's stage-1 knobs for a budget of ``steps``: the diffusion term's rows, the recipe's share of
+    cached steps and the reference term's weight (``foundation.RECIPE``), so a variant differs from the recipe
+    only where it says."""
+    return {"diffusion_rows": RECIPE["stage1"]["diffusion_rows"], "cached_steps": stage1_cached_steps(steps, None),
+            "lambda_reference": RECIPE["stage1"]["lambda_reference"]}
 
 
 def fresh_system(fusion_dir, generator: TinyDiffusionPipeline, gate_mode: str = "adaptive", seed: int = 0):

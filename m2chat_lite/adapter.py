@@ -142,6 +142,7 @@ class AdapterOutput:
     pooled: torch.Tensor  # [B, pooled_dim]
     gate: torch.Tensor  # [B, N]: the gate used for each query (0 where there was no reference picture)
     attention: dict | None = None  # {"semantic": [layers of B x N x M], "visual": [...]}, if asked for
+    visual_embeds: torch.Tensor | None = None  # [B, N, cond_dim]: the visual branch alone through the output head
 
 
 class M3Adapter(nn.Module):
@@ -189,10 +190,12 @@ class M3Adapter(nn.Module):
 
     def forward(self, hidden: torch.Tensor, hidden_mask: torch.Tensor, visual: torch.Tensor | None = None,
                 visual_mask: torch.Tensor | None = None, has_reference: torch.Tensor | None = None,
-                return_attention: bool = False) -> AdapterOutput:
+                return_attention: bool = False, return_visual: bool = False) -> AdapterOutput:
         """``hidden [B, S, lm_dim]`` with ``hidden_mask [B, S]`` (the LM's states over the condition span);
         ``visual [B, P, vision_dim]`` with ``visual_mask [B, P]`` (the reference picture's patch features) and
-        ``has_reference [B]`` (False where the conversation has no picture yet)."""
+        ``has_reference [B]`` (False where the conversation has no picture yet). ``return_visual``: also the
+        visual branch's output alone through the output head (``visual_embeds``: what the picture says by itself,
+        which M³FT stage 1's reference term scores)."""
         b = hidden.shape[0]
         if hidden_mask.shape != hidden.shape[:2] or not hidden_mask.any(1).all():
             raise ValueError("hidden_mask must be [B, S] with at least one True per row (the [IMG] span)")
@@ -214,7 +217,8 @@ class M3Adapter(nn.Module):
         fused = semantic + gate.unsqueeze(-1) * visual_out
         fused = self.norm_out(fused)
         attention = {"semantic": semantic_attention, "visual": visual_attention} if return_attention else None
-        return AdapterOutput(self.to_sequence(fused), self.to_pooled(fused.mean(1)), gate, attention)
+        visual_embeds = self.to_sequence(self.norm_out(visual_out)) if return_visual else None
+        return AdapterOutput(self.to_sequence(fused), self.to_pooled(fused.mean(1)), gate, attention, visual_embeds)
 
     def _visual_branch(self, queries, visual, mask, has_reference, words, return_attention):
         """The visual branch on the rows that have a reference picture; zeros (output and attention) on the

@@ -16,6 +16,9 @@ adapter's output, and ``E_text`` / ``E_pool`` are the teacher's sequence and poo
 target scene's caption. The examples (``alignment_examples``) are caption pairs (no reference) and the
 pictures of stories and dialogues (the picture before as the reference: a story frame changes one thing,
 a dialogue edit changes one attribute), so the adapter's visual branch and gate have something to learn.
+With ``lambda_reference`` (the recipe's is 1) a fourth term asks the visual branch, alone through the adapter's
+output head, for the teacher's embedding of the *reference* picture's caption: it must say what it sees, so that
+an edit can keep what the words leave out (``benchmarks/M2CHAT_RECIPE.md``, "The visual branch says what it sees").
 Two things make stage 1 fit a CPU budget (``benchmarks/M2CHAT_RECIPE.md``, "Fitting 15 minutes"):
 
 - ``cached_steps``: the LM is frozen, so while the ``[IMG]`` embeddings wait, everything before the adapter
@@ -152,14 +155,15 @@ class M2ChatModel(nn.Module):
         return {"states": states, "state_mask": state_mask, "visual": self.reference_features(batch["reference"]),
                 "has_reference": batch["has_reference"].to(device)}
 
-    def condition(self, batch: dict, return_attention: bool = False) -> AdapterOutput:
+    def condition(self, batch: dict, return_attention: bool = False, return_visual: bool = False) -> AdapterOutput:
         """The adapter's conditioning for the last ``[IMG]`` span of each row of ``batch``: from
         :meth:`adapter_inputs`, or from the batch itself when it carries them (stage 1's cached steps,
         :func:`precompute_alignment`)."""
         inputs = batch if "states" in batch else self.adapter_inputs(batch)
         device = self.device
         return self.adapter(inputs["states"].to(device), inputs["state_mask"].to(device), inputs["visual"].to(device),
-                            has_reference=inputs["has_reference"].to(device), return_attention=return_attention)
+                            has_reference=inputs["has_reference"].to(device), return_attention=return_attention,
+                            return_visual=return_visual)
 
 
 def build_m2chat(fused: FusedLM, pipeline, config, gate_mode: str = "adaptive", seed: int = 0,
@@ -249,6 +253,7 @@ class AlignmentExample:
     caption: str  # what the teacher reads: the target scene described in full
     target: object  # the target picture (PIL)
     reference: object | None  # the picture before it in the conversation, if any
+    reference_caption: str | None = None  # what the teacher reads for the reference picture
 
 
 def _cut_after_picture(sample: Sample, turn_index: int, picture_index: int) -> Sample:
@@ -305,7 +310,8 @@ def examples_of(sample: Sample, rng: random.Random | None = None) -> list[Alignm
                 continue
             if turn.role == "assistant":
                 found.append(AlignmentExample(_cut_after_picture(sample, t, drawn), captions[index],
-                                              pictures[index].load(), pictures[index - 1].load() if index else None))
+                                              pictures[index].load(), pictures[index - 1].load() if index else None,
+                                              captions[index - 1] if index else None))
                 drawn += 1
             index += 1
     if rng is not None and found:
@@ -348,7 +354,7 @@ def encode_alignment(model: M2ChatModel, tokenizer, example: AlignmentExample, i
     return {"input_ids": item["input_ids"][:cut], "labels": None, "pixel_values": item["pixel_values"][:-1],
             "reference": image_to_tensor(example.reference) if example.reference is not None else blank,
             "has_reference": example.reference is not None, "target": image_to_tensor(example.target),
-            "caption": example.caption}
+            "caption": example.caption, "reference_caption": example.reference_caption or example.caption}
 
 
 def collate_alignment(items: Sequence[dict], pad_token_id: int) -> dict:
@@ -358,6 +364,7 @@ def collate_alignment(items: Sequence[dict], pad_token_id: int) -> dict:
     batch["has_reference"] = torch.tensor([item["has_reference"] for item in items])
     batch["target"] = torch.stack([item["target"] for item in items])
     batch["captions"] = [item["caption"] for item in items]
+    batch["reference_captions"] = [item["reference_caption"] for item in items]
     return batch
 
 
@@ -391,13 +398,16 @@ def precompute_alignment(model: M2ChatModel, tokenizer, examples: Sequence[Align
             inputs = model.adapter_inputs(batch)
             teacher_seq, teacher_pooled = encode_text(model.teacher, model.teacher_tokenizer, batch["captions"],
                                                       model.device)
+            reference_seq, _ = encode_text(model.teacher, model.teacher_tokenizer, batch["reference_captions"],
+                                           model.device)
             targets = model.diffusion_targets(batch["target"])
             layouts = layout_targets(planner, teacher_seq) if planner is not None else None
             for row, index in enumerate(rows):
                 item = {"states": inputs["states"][row, inputs["state_mask"][row]].cpu(),
                         "visual": inputs["visual"][row].cpu(), "has_reference": bool(inputs["has_reference"][row]),
                         "teacher_seq": teacher_seq[row].float().cpu(), "teacher_pooled": teacher_pooled[row].float().cpu(),
-                        "diffusion_target": targets[row].cpu(), "caption": batch["captions"][row]}
+                        "diffusion_target": targets[row].cpu(), "caption": batch["captions"][row],
+                        "reference_seq": reference_seq[row].float().cpu()}
                 if layouts is not None:
                     item["teacher_layout"] = layouts[row].cpu()
                 out[chunk_start + index] = item
@@ -414,7 +424,7 @@ def collate_precomputed(items: Sequence[dict]) -> dict:
     batch = {"states": states, "state_mask": torch.arange(states.shape[1])[None] < lengths[:, None],
              "has_reference": torch.tensor([item["has_reference"] for item in items]),
              "captions": [item["caption"] for item in items]}
-    for key in ("visual", "teacher_seq", "teacher_pooled", "diffusion_target"):
+    for key in ("visual", "teacher_seq", "teacher_pooled", "diffusion_target", "reference_seq"):
         batch[key] = torch.stack([item[key] for item in items])
     if "teacher_layout" in items[0]:  # only with a layout planner in the generator
         batch["teacher_layout"] = torch.stack([item["teacher_layout"] for item in items])
@@ -428,8 +438,16 @@ def collate_precomputed(items: Sequence[dict]) -> dict:
 
 def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda_pooled: float = 1.0,
                 generator: torch.Generator | None = None, diffusion_rows: int | None = None,
-                lambda_layout: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """``L_diffusion + λ1·MSE(seq) + λ2·MSE(pooled) + λ3·L_layout`` and its parts (floats, for logging).
+                lambda_layout: float = 1.0, lambda_reference: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """``L_diffusion + λ1·MSE(seq) + λ2·MSE(pooled) + λ3·L_layout + λ4·L_reference`` and its parts (floats,
+    for logging).
+
+    ``L_reference`` (``lambda_reference`` = λ4, 0 by default, 1 in the recipe): on the rows with a reference
+    picture, the MSE between the visual branch's output alone, through the adapter's output head
+    (``AdapterOutput.visual_embeds``), and the teacher's sequence embedding of the reference picture's caption.
+    The other terms only ask for the *edited* scene, where the words already say the change; this one asks the
+    visual branch to say everything it sees, which is what an edit must keep. It trains the visual branch and
+    the output head, never the semantic branch.
 
     ``L_layout`` (:func:`layout_matching_loss`) is there when the generator has a layout planner (the tiny
     preset's): the planner must read the same scene from the adapter's sequence as from the teacher's. MSE to
@@ -445,7 +463,7 @@ def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda
     if diffusion_rows is not None and diffusion_rows < 0:
         raise ValueError(f"diffusion_rows must be 0 or more (None: the whole batch); got {diffusion_rows}")
     device = model.device
-    condition = model.condition(batch)
+    condition = model.condition(batch, return_visual=bool(lambda_reference))
     if "teacher_seq" in batch:  # precomputed, with the adapter's inputs (precompute_alignment)
         teacher_seq, teacher_pooled = batch["teacher_seq"].to(device), batch["teacher_pooled"].to(device)
     else:
@@ -465,9 +483,19 @@ def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda
     l_layout = layout_matching_loss(planner, condition.prompt_embeds, teacher_seq, cached_layout) \
         if planner is not None else condition.prompt_embeds.new_zeros(())  # logged even when λ3 = 0
     loss = loss + lambda_layout * l_layout
-    gate = condition.gate[batch["has_reference"].to(device)]
+    has_reference = batch["has_reference"].to(device)
+    l_reference = condition.prompt_embeds.new_zeros(())
+    if lambda_reference and bool(has_reference.any()):
+        if "reference_seq" in batch:
+            reference_seq = batch["reference_seq"].to(device)
+        else:
+            with torch.no_grad():
+                reference_seq, _ = encode_text(model.teacher, model.teacher_tokenizer, batch["reference_captions"], device)
+        l_reference = F.mse_loss(condition.visual_embeds[has_reference], reference_seq[has_reference])
+        loss = loss + lambda_reference * l_reference
+    gate = condition.gate[has_reference]
     parts = {"diffusion": l_diffusion.item(), "seq_mse": l_seq.item(), "pooled_mse": l_pooled.item(),
-             "layout": l_layout.item(), "gate": gate.mean().item() if gate.numel() else 0.0}
+             "layout": l_layout.item(), "reference": l_reference.item(), "gate": gate.mean().item() if gate.numel() else 0.0}
     return loss, parts
 
 
@@ -536,7 +564,8 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
                  pool_size: int = 6000, lambda_seq: float = 1.0, lambda_pooled: float = 1.0, out_dir=None,
                  device: str = "cpu", progress: bool = True,
                  examples: Sequence[AlignmentExample] | None = None, diffusion_rows: int | None = None,
-                 cached_steps: int = 0, lambda_layout: float = 1.0, words_from_step: int = 0) -> TrainResult:
+                 cached_steps: int = 0, lambda_layout: float = 1.0, words_from_step: int = 0,
+                 lambda_reference: float = 0.0) -> TrainResult:
     """Stage 1 with the shared loop: adapter and ``[IMG]`` embeddings learn, all else is frozen. The data
     is ``pool_size`` ShapeWorld examples, or ``examples`` (real data: ``examples_of`` each sample);
     ``diffusion_rows`` and the λs as in :func:`stage1_loss`.
@@ -582,7 +611,7 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
 
     def loss_fn(batch: dict) -> torch.Tensor:
         loss, parts = stage1_loss(model, batch, lambda_seq, lambda_pooled, diffusion_rows=diffusion_rows,
-                                  lambda_layout=lambda_layout)
+                                  lambda_layout=lambda_layout, lambda_reference=lambda_reference)
         last_parts.update(parts)
         return loss
 

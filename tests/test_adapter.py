@@ -43,6 +43,18 @@ def test_masked_hidden_states_do_not_matter(visual_reads_words):
         assert torch.allclose(a(hidden, mask, visual).prompt_embeds, a(changed, mask, visual).prompt_embeds, atol=1e-6)
 
 
+def test_the_visual_branch_alone_can_be_read_through_the_output_head():
+    hidden, mask, visual = inputs()
+    a = adapter("fixed", 0.0)  # the gate shut: the fused output does not show the picture, visual_embeds does
+    with torch.no_grad():
+        assert a(hidden, mask, visual).visual_embeds is None
+        out = a(hidden, mask, visual, return_visual=True)
+        other = a(hidden, mask, torch.randn_like(visual), return_visual=True)
+    assert out.visual_embeds.shape == out.prompt_embeds.shape
+    assert torch.allclose(out.prompt_embeds, other.prompt_embeds) and not torch.allclose(out.visual_embeds,
+                                                                                          other.visual_embeds)
+
+
 def test_no_reference_picture_means_no_visual_influence_and_a_zero_gate():
     hidden, mask, visual = inputs()
     a = adapter("fixed", 0.8)

@@ -132,6 +132,29 @@ def test_a_shorter_stage1_budget_keeps_the_recipes_share_of_cached_steps():
     assert stage1_cached_steps(None, 5.0) == 0  # a time budget has no known last steps: plain steps only
 
 
+def test_the_stage1_stage_trains_with_the_recipes_loss_weights(tmp_path, monkeypatch):
+    import shutil
+
+    from m2chat_lite import m3ft
+    from m2chat_lite.foundation import RECIPE, REFERENCE_DIR
+
+    for part in ("clip", "lm", "diffusion", "fusion"):
+        shutil.copytree(REFERENCE_DIR / part, tmp_path / part)
+    asked = {}
+
+    def stop(model, tokenizer, train_config, **settings):
+        asked.update(settings)
+        raise KeyboardInterrupt  # enough: the settings are what this test reads
+
+    monkeypatch.setattr(m3ft, "train_stage1", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("stage1", tmp_path, steps=2, progress=False)
+    r = RECIPE["stage1"]
+    assert r["lambda_reference"] > 0  # the visual branch is asked to say what it sees (M2CHAT_RECIPE.md)
+    assert {k: asked[k] for k in ("lambda_seq", "lambda_pooled", "lambda_reference", "diffusion_rows")} == \
+        {k: r[k] for k in ("lambda_seq", "lambda_pooled", "lambda_reference", "diffusion_rows")}
+
+
 def test_a_recipe_whose_visual_branch_reads_the_words_opens_them_at_its_share_of_the_budget(monkeypatch):
     from m2chat_lite import foundation
     from m2chat_lite.foundation import RECIPE, stage1_words_from_step

@@ -50,7 +50,9 @@ def test_examples_cover_every_drawn_picture_with_the_one_before_as_reference():
     uploads = [d for d in dialogue if d.meta["turns"][0]["kind"] == "upload" and m3ft.examples_of(d)]
     assert uploads and m3ft.examples_of(uploads[0])[0].reference is not None  # the uploaded picture
     caption = m3ft.examples_of(make_samples("caption", 1)[0])
-    assert len(caption) == 1 and caption[0].reference is None
+    assert len(caption) == 1 and caption[0].reference is None and caption[0].reference_caption is None
+    # the reference's own caption comes with it: what the teacher read for the picture before
+    assert [e.reference_caption for e in examples[1:]] == [e.caption for e in examples[:-1]]
 
 
 def test_the_teacher_reads_a_caption_pairs_own_words_and_a_storys_scene():
@@ -186,6 +188,32 @@ def test_stage1_loss_is_the_weighted_sum_of_its_parts(tok):
     assert abs(zero.item() - parts0["diffusion"]) < 1e-6
 
 
+def test_the_reference_term_asks_the_visual_branch_alone_for_the_reference_pictures_caption(tok):
+    model = system(tok)
+    examples = m3ft.alignment_examples(6, seed=5)
+    assert any(e.reference is not None for e in examples) and any(e.reference is None for e in examples)
+    batch = m3ft.alignment_batch(model, tok, examples)
+    with torch.no_grad():
+        model.adapter.adaptive_gate.bias.fill_(0.5)  # open, so the fused output differs from the semantic one
+    loss, parts = m3ft.stage1_loss(model, batch, generator=torch.Generator().manual_seed(0), lambda_reference=2.0)
+    plain, parts0 = m3ft.stage1_loss(model, batch, generator=torch.Generator().manual_seed(0))
+    assert parts0["reference"] == 0.0 and loss.item() == pytest.approx(plain.item() + 2.0 * parts["reference"], abs=1e-5)
+    # the term: the visual branch's output through the adapter's head, against the teacher reading the reference's
+    # caption, on the rows that have a reference picture only
+    rows = batch["has_reference"]
+    out = model.condition(batch, return_visual=True)
+    teacher, _ = m3ft.encode_text(model.teacher, model.teacher_tokenizer, batch["reference_captions"])
+    expected = torch.nn.functional.mse_loss(out.visual_embeds[rows], teacher[rows])
+    assert parts["reference"] == pytest.approx(expected.item(), abs=1e-6)
+    # its gradient reaches the visual branch and the head, not the semantic branch
+    model.adapter.zero_grad()
+    m3ft.stage1_loss(model, batch, lambda_seq=0.0, lambda_pooled=0.0, diffusion_rows=0, lambda_layout=0.0,
+                     lambda_reference=1.0)[0].backward()
+    grads = {n: p.grad for n, p in model.adapter.named_parameters()}
+    assert grads["visual.project.weight"].abs().sum() > 0 and grads["to_sequence.weight"].abs().sum() > 0
+    assert grads["semantic.project.weight"] is None or grads["semantic.project.weight"].abs().sum() == 0
+
+
 def with_planner(model):
     """``model`` with a generator that reads a (random, frozen) layout planner's map, as the tiny recipe's does."""
     from m2chat_lite.layout import LayoutPlanner
@@ -256,9 +284,11 @@ def test_precomputed_frozen_parts_give_the_same_stage1_loss(tok, planned):
         assert cached["teacher_layout"].shape == (6, 9, 13)
         assert torch.allclose(cached["teacher_layout"],
                               m3ft.layout_targets(D.layout_of(model.unet), cached["teacher_seq"]), atol=1e-6)
-    for rows in (None, 2):
-        loss, parts = m3ft.stage1_loss(model, full, generator=torch.Generator().manual_seed(0), diffusion_rows=rows)
-        again, same = m3ft.stage1_loss(model, cached, generator=torch.Generator().manual_seed(0), diffusion_rows=rows)
+    for rows, reference in ((None, 0.0), (2, 1.0)):
+        loss, parts = m3ft.stage1_loss(model, full, generator=torch.Generator().manual_seed(0), diffusion_rows=rows,
+                                       lambda_reference=reference)
+        again, same = m3ft.stage1_loss(model, cached, generator=torch.Generator().manual_seed(0), diffusion_rows=rows,
+                                       lambda_reference=reference)
         assert again.item() == pytest.approx(loss.item(), abs=1e-5)
         assert same == pytest.approx(parts, abs=1e-5)
 
