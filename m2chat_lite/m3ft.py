@@ -16,7 +16,7 @@ adapter's output, and ``E_text`` / ``E_pool`` are the teacher's sequence and poo
 target scene's caption. The examples (``alignment_examples``) are caption pairs (no reference) and the
 pictures of stories and dialogues (the picture before as the reference: a story frame changes one thing,
 a dialogue edit changes one attribute), so the adapter's visual branch and gate have something to learn.
-With ``lambda_reference`` (the recipe's is 1) a fourth term asks the visual branch, alone through the adapter's
+With ``lambda_reference`` (the recipe's is 1) one more term asks the visual branch, alone through the adapter's
 output head, for the teacher's embedding of the *reference* picture's caption: it must say what it sees, so that
 an edit can keep what the words leave out (``benchmarks/M2CHAT_RECIPE.md``, "The visual branch says what it sees").
 Two things make stage 1 fit a CPU budget (``benchmarks/M2CHAT_RECIPE.md``, "Fitting 15 minutes"):
@@ -463,7 +463,7 @@ def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda
     if diffusion_rows is not None and diffusion_rows < 0:
         raise ValueError(f"diffusion_rows must be 0 or more (None: the whole batch); got {diffusion_rows}")
     device = model.device
-    condition = model.condition(batch, return_visual=bool(lambda_reference))
+    condition = model.condition(batch, return_visual=True)
     if "teacher_seq" in batch:  # precomputed, with the adapter's inputs (precompute_alignment)
         teacher_seq, teacher_pooled = batch["teacher_seq"].to(device), batch["teacher_pooled"].to(device)
     else:
@@ -484,15 +484,17 @@ def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda
         if planner is not None else condition.prompt_embeds.new_zeros(())  # logged even when λ3 = 0
     loss = loss + lambda_layout * l_layout
     has_reference = batch["has_reference"].to(device)
-    l_reference = condition.prompt_embeds.new_zeros(())
-    if lambda_reference and bool(has_reference.any()):
+    l_reference = condition.prompt_embeds.new_zeros(())  # logged even when λ4 = 0, as the layout term is
+    if bool(has_reference.any()):
         if "reference_seq" in batch:
             reference_seq = batch["reference_seq"].to(device)
         else:
             with torch.no_grad():
                 reference_seq, _ = encode_text(model.teacher, model.teacher_tokenizer, batch["reference_captions"], device)
-        l_reference = F.mse_loss(condition.visual_embeds[has_reference], reference_seq[has_reference])
-        loss = loss + lambda_reference * l_reference
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(lambda_reference)):
+            l_reference = F.mse_loss(condition.visual_embeds[has_reference], reference_seq[has_reference])
+        if lambda_reference:
+            loss = loss + lambda_reference * l_reference
     gate = condition.gate[has_reference]
     parts = {"diffusion": l_diffusion.item(), "seq_mse": l_seq.item(), "pooled_mse": l_pooled.item(),
              "layout": l_layout.item(), "reference": l_reference.item(), "gate": gate.mean().item() if gate.numel() else 0.0}
