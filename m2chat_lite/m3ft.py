@@ -380,9 +380,10 @@ def precompute_alignment(model: M2ChatModel, tokenizer, examples: Sequence[Align
     and what the generator denoises (the target picture, or its latents).
 
     The LM's states depend on the trainable ``[IMG]`` embeddings, so they stay exact only while those have
-    not moved: :func:`train_stage1`'s ``cached_steps``. Memory: about 100 KB per tiny example (1.2 GB for
-    the recipe's 12,000); mind it at larger sizes. With a layout planner in the generator, its reading of the
-    teacher's sequence (:func:`layout_targets`) is cached too."""
+    not moved: :func:`train_stage1`'s ``cached_steps``. Memory: about 125 KB per tiny example (1.45 GB for
+    the recipe's 12,000, the teacher's reading of each reference caption included); mind it at larger sizes.
+    With a layout planner in the generator, its reading of the teacher's sequence (:func:`layout_targets`) is
+    cached too."""
     out: list[dict | None] = [None] * len(examples)
     planner = layout_of(model.unet)
     bar = tqdm(total=len(examples), desc="stage 1: caching the frozen parts", disable=not progress, leave=False)
