@@ -123,8 +123,9 @@ def cached_stage1_rows(model, tokenizer, batch_size: int, loss_fn, steps: int, d
     ``cached_steps``) and the size of that cache for the recipe's pool, from the mean of ``sample`` examples."""
     r = RECIPE["stage1"]
     items = m3ft.precompute_alignment(model, tokenizer, m3ft.alignment_examples(sample))
-    per_example = sum(t.numel() * t.element_size() for item in items for t in item.values()
-                      if isinstance(t, torch.Tensor)) / len(items)
+    # a tensor two keys share (a row without a reference stands in its own caption's sequence) is counted once
+    per_example = sum(sum({t.data_ptr(): t.numel() * t.element_size() for t in item.values()
+                           if isinstance(t, torch.Tensor)}.values()) for item in items) / len(items)
     params = [p for p in model.adapter.parameters() if p.requires_grad]
     # a batch drawn as the recipe draws them (captions, stories and dialogues mixed, about half with a picture
     # before theirs): the first examples alone are all captions, with no reference, where the visual branch is skipped

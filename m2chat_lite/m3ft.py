@@ -368,6 +368,13 @@ def collate_alignment(items: Sequence[dict], pad_token_id: int) -> dict:
     return batch
 
 
+def reference_sequences(model: M2ChatModel, batch: dict) -> torch.Tensor:
+    """The teacher's sequence embeddings ``[R, N, d]`` of the reference pictures' captions, for the ``R`` rows of
+    ``batch`` that have a reference picture, in order (what :func:`stage1_loss`'s reference term scores)."""
+    captions = [c for c, has in zip(batch["reference_captions"], batch["has_reference"].tolist()) if has]
+    return encode_text(model.teacher, model.teacher_tokenizer, captions, model.device)[0]
+
+
 _CACHE_CHUNK = 1024  # examples encoded at a time by precompute_alignment, then cached in batches sorted by length
 
 
@@ -380,7 +387,7 @@ def precompute_alignment(model: M2ChatModel, tokenizer, examples: Sequence[Align
     and what the generator denoises (the target picture, or its latents).
 
     The LM's states depend on the trainable ``[IMG]`` embeddings, so they stay exact only while those have
-    not moved: :func:`train_stage1`'s ``cached_steps``. Memory: about 125 KB per tiny example (1.45 GB for
+    not moved: :func:`train_stage1`'s ``cached_steps``. Memory: about 115 KB per tiny example (1.3 GB for
     the recipe's 12,000, the teacher's reading of each reference caption included); mind it at larger sizes.
     With a layout planner in the generator, its reading of the teacher's sequence (:func:`layout_targets`) is
     cached too."""
@@ -399,16 +406,17 @@ def precompute_alignment(model: M2ChatModel, tokenizer, examples: Sequence[Align
             inputs = model.adapter_inputs(batch)
             teacher_seq, teacher_pooled = encode_text(model.teacher, model.teacher_tokenizer, batch["captions"],
                                                       model.device)
-            reference_seq, _ = encode_text(model.teacher, model.teacher_tokenizer, batch["reference_captions"],
-                                           model.device)
+            with_reference = batch["has_reference"].tolist()
+            reference_seq = iter(reference_sequences(model, batch).float().cpu()) if any(with_reference) else None
             targets = model.diffusion_targets(batch["target"])
             layouts = layout_targets(planner, teacher_seq) if planner is not None else None
             for row, index in enumerate(rows):
                 item = {"states": inputs["states"][row, inputs["state_mask"][row]].cpu(),
                         "visual": inputs["visual"][row].cpu(), "has_reference": bool(inputs["has_reference"][row]),
                         "teacher_seq": teacher_seq[row].float().cpu(), "teacher_pooled": teacher_pooled[row].float().cpu(),
-                        "diffusion_target": targets[row].cpu(), "caption": batch["captions"][row],
-                        "reference_seq": reference_seq[row].float().cpu()}
+                        "diffusion_target": targets[row].cpu(), "caption": batch["captions"][row]}
+                # a row without a reference has no reference term: its own caption's sequence stands in (shared)
+                item["reference_seq"] = next(reference_seq) if with_reference[row] else item["teacher_seq"]
                 if layouts is not None:
                     item["teacher_layout"] = layouts[row].cpu()
                 out[chunk_start + index] = item
@@ -488,12 +496,12 @@ def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda
     l_reference = condition.prompt_embeds.new_zeros(())  # logged even when λ4 = 0, as the layout term is
     if bool(has_reference.any()):
         if "reference_seq" in batch:
-            reference_seq = batch["reference_seq"].to(device)
+            reference_seq = batch["reference_seq"].to(device)[has_reference]
         else:
             with torch.no_grad():
-                reference_seq, _ = encode_text(model.teacher, model.teacher_tokenizer, batch["reference_captions"], device)
+                reference_seq = reference_sequences(model, batch)
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(lambda_reference)):
-            l_reference = F.mse_loss(condition.visual_embeds[has_reference], reference_seq[has_reference])
+            l_reference = F.mse_loss(condition.visual_embeds[has_reference], reference_seq)
         if lambda_reference:
             loss = loss + lambda_reference * l_reference
     gate = condition.gate[has_reference]
