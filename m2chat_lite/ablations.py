@@ -29,7 +29,7 @@ from .config import get_config
 from .data import Sample
 from .diffusion import TinyDiffusionPipeline
 from .evaluation import eval_dialog, eval_story, eval_t2i, eval_vqa
-from .foundation import RECIPE, stage1_cached_steps
+from .foundation import RECIPE, stage1_cached_steps, stage1_words_from_step
 from .fusion import load_fused
 from .m3ft import M2ChatModel, build_m2chat, train_joint, train_stage1, train_stage2
 from .pipeline import M2ChatPipeline
@@ -51,16 +51,19 @@ def _config(stage: str, steps: int, seed: int) -> TrainConfig:
 
 def _stage1_recipe(steps: int) -> dict:
     """The recipe's stage-1 knobs for a budget of ``steps``: the diffusion term's rows, the recipe's share of
-    cached steps and the reference term's weight (``foundation.RECIPE``), so a variant differs from the recipe
-    only where it says."""
-    return {"diffusion_rows": RECIPE["stage1"]["diffusion_rows"], "cached_steps": stage1_cached_steps(steps, None),
-            "lambda_reference": RECIPE["stage1"]["lambda_reference"]}
+    cached steps, the reference term's weight and where the visual branch's words open, with the warm restart
+    there (``foundation.RECIPE``), so a variant differs from the recipe only where it says."""
+    r = RECIPE["stage1"]
+    return {"diffusion_rows": r["diffusion_rows"], "cached_steps": stage1_cached_steps(steps, None),
+            "lambda_reference": r["lambda_reference"], "words_from_step": stage1_words_from_step(steps, None),
+            "words_lr_ratio": r["words_lr_ratio"]}
 
 
 def fresh_system(fusion_dir, generator: TinyDiffusionPipeline, gate_mode: str = "adaptive", seed: int = 0):
     """``(model, tokenizer)``: the fused LM loaded again from ``fusion_dir`` and a fresh adapter (``seed``)."""
     fused, tokenizer = load_fused(fusion_dir)
-    return build_m2chat(fused, generator, get_config("tiny"), gate_mode=gate_mode, seed=seed), tokenizer
+    return build_m2chat(fused, generator, get_config("tiny"), gate_mode=gate_mode, seed=seed,
+                        visual_reads_words=RECIPE["stage1"]["visual_reads_words"]), tokenizer
 
 
 def _final_parts(result: TrainResult) -> dict:

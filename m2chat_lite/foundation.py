@@ -67,9 +67,12 @@ RECIPE = {
     # (m3ft.train_stage1); the last 25 train the [IMG] embeddings too (benchmarks/M2CHAT_RECIPE.md, "Fitting 15
     # minutes"; 50 before "A GPU search": the adapter trained on the GPU with 25 drew the same test captions, and
     # a plain step costs about seven cached ones). `--steps N` keeps the same share cached; `--minutes` runs plain
-    # steps only. `visual_reads_words` / `words_from_step`: the adapter's visual branch reads the LM's span too,
-    # from that step on (AdapterConfig.visual_reads_words); off: opened at step 900 it kept the story's character
-    # better and the dialogues' untouched objects and visual questions worse (M2CHAT_RECIPE.md, "A GPU search").
+    # steps only. `visual_reads_words` / `words_from_step` / `words_lr_ratio`: the warm start. The adapter's visual
+    # branch reads the LM's span too (AdapterConfig.visual_reads_words), hidden until `words_from_step`, where the
+    # plain adapter has converged; there the learning rate starts again at a quarter of its peak (a warm restart,
+    # TrainConfig.restart_step) and the last cached steps teach the branch where the words point. On one schedule,
+    # with no restart, the words opened at step 900 or 1,000 kept fewer untouched objects (M2CHAT_RECIPE.md,
+    # "A GPU search" and "The warm start joins the recipe").
     # Batch 128: two-object scenes reach the adapter only after about 150,000 examples seen (batch 32 saw 48,000
     # and carried 3% of them; benchmarks/M2CHAT_RECIPE.md, "Two objects through the adapter"). A pool of 12,000
     # (was 6,000, each example seen 27 times): in the same steps stage 1 draws 93.3% of the test captions right
@@ -79,10 +82,11 @@ RECIPE = {
     # picture's caption (m3ft.stage1_loss): fresh adapters kept 89.3% and 84.5% of the untouched objects of the test
     # dialogues' edits against 81.0% and 68.5% without it (two pairs on the same LM), edits done unchanged; 2% of a
     # cached step (benchmarks/M2CHAT_RECIPE.md, "The visual branch says what it sees")
-    "stage1": {"steps": 1300, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
+    "stage1": {"steps": 1625, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
                "pool_size": 12000, "gate_mode": "adaptive", "lambda_seq": 1.0, "lambda_pooled": 1.0,
                "lambda_reference": 1.0,
-               "diffusion_rows": 4, "cached_steps": 1275, "visual_reads_words": False, "words_from_step": 0},
+               "diffusion_rows": 4, "cached_steps": 1600, "visual_reads_words": True, "words_from_step": 1100,
+               "words_lr_ratio": 0.25},
     # `mix`: the shares of stories, dialogues and visual questions in stage 2's pool (m3ft.stage2_samples).
     # `per_conversation`: the LM loss weighs each conversation once, not each token (m3ft.stage2_loss). Weighed by
     # token, the visual questions, 30% of the conversations, were 2.8% of the loss, and stage 2 lost about 12 points
@@ -308,6 +312,7 @@ def _train_stage1(run: StageRun):
                           lambda_reference=r["lambda_reference"],
                           diffusion_rows=r["diffusion_rows"], cached_steps=stage1_cached_steps(run.steps, run.minutes),
                           words_from_step=stage1_words_from_step(run.steps, run.minutes),
+                          words_lr_ratio=r["words_lr_ratio"],
                           out_dir=run.state_dir, device=run.device, progress=run.progress)
 
     def finish() -> dict:

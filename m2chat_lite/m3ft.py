@@ -53,6 +53,7 @@ adapter chases an LM that is still changing, the entanglement the paper's two st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -576,7 +577,7 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
                  device: str = "cpu", progress: bool = True,
                  examples: Sequence[AlignmentExample] | None = None, diffusion_rows: int | None = None,
                  cached_steps: int = 0, lambda_layout: float = 1.0, words_from_step: int = 0,
-                 lambda_reference: float = 0.0) -> TrainResult:
+                 lambda_reference: float = 0.0, words_lr_ratio: float | None = None) -> TrainResult:
     """Stage 1 with the shared loop: adapter and ``[IMG]`` embeddings learn, all else is frozen. The data
     is ``pool_size`` ShapeWorld examples, or ``examples`` (real data: ``examples_of`` each sample);
     ``diffusion_rows`` and the λs as in :func:`stage1_loss`.
@@ -590,9 +591,14 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
     An adapter whose visual branch reads the words too (``AdapterConfig.visual_reads_words``) has them hidden
     from that branch before step ``words_from_step``: it first learns to read the picture alone, then where in
     the picture the words point (trained that way from the first step it fits worse and edits fewer pictures
-    right: ``benchmarks/M2CHAT_RECIPE.md``, "The visual branch reads the words")."""
+    right: ``benchmarks/M2CHAT_RECIPE.md``, "The visual branch reads the words"). With ``words_lr_ratio`` the
+    learning rate starts again where the words open: a warm restart (``TrainConfig.restart_step``) peaking at
+    that fraction of ``lr``, so the converged adapter learns the new way in gently (opened on one schedule,
+    the words kept fewer untouched objects: "The warm start joins the recipe")."""
     if cached_steps < 0 or words_from_step < 0:
         raise ValueError(f"cached_steps and words_from_step must be 0 or more; got {cached_steps}, {words_from_step}")
+    if words_lr_ratio is not None and words_from_step:
+        train_config = dataclasses.replace(train_config, restart_step=words_from_step, restart_lr_ratio=words_lr_ratio)
     set_stage(model, "stage1")
     model.to(device)
     examples = list(examples) if examples is not None else \

@@ -54,6 +54,10 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio (needs max_steps)
+    # A warm restart (SGDR, Loshchilov & Hutter 2017): the first cycle ends at restart_step, and a second one,
+    # with its own warm-up and cosine, peaks at lr * restart_lr_ratio and runs to max_steps
+    restart_step: int | None = None
+    restart_lr_ratio: float = 1.0
     grad_clip: float | None = 1.0
     ema_decay: float | None = None  # keep an exponential moving average of the weights
     log_every: int = 10
@@ -73,6 +77,11 @@ class TrainConfig:
             raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.restart_step is not None and (self.max_steps is None or not 0 < self.restart_step < self.max_steps):
+            raise ValueError(f"restart_step must fall inside the step budget (0 < restart_step < max_steps); got "
+                             f"restart_step={self.restart_step}, max_steps={self.max_steps}")
+        if self.restart_lr_ratio <= 0:
+            raise ValueError(f"restart_lr_ratio must be positive, got {self.restart_lr_ratio}")
         if isinstance(self.grad_accum_steps, bool) or not isinstance(self.grad_accum_steps, int) \
                 or self.grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be a positive integer (micro-batches per optimizer step), "
@@ -92,14 +101,21 @@ class TrainResult:
 
 
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio`` over ``max_steps`` (flat if no step budget)."""
-    def factor(step: int) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` over ``max_steps`` (flat if no step budget). With
+    ``restart_step`` the first cycle ends there and a second one, ``restart_lr_ratio`` as high, runs to the end."""
+    def cycle(step: int, length: int | None) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
-        if config.max_steps is None:
+        if length is None:
             return 1.0
-        progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+        progress = min(1.0, (step - config.warmup_steps) / max(1, length - config.warmup_steps))
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def factor(step: int) -> float:
+        restart = config.restart_step
+        if restart is not None and step >= restart:
+            return config.restart_lr_ratio * cycle(step - restart, config.max_steps - restart)
+        return cycle(step, restart if restart is not None else config.max_steps)
     return factor
 
 

@@ -9,7 +9,7 @@ from m2chat_lite import adapter as A, backbone, diffusion as D, fusion, m3ft
 from m2chat_lite.config import get_config
 from m2chat_lite.encoders import build_clip
 from m2chat_lite.tokenizer import IMAGE_TOKEN
-from m2chat_lite.training import TrainConfig
+from m2chat_lite.training import TrainConfig, lr_lambda
 from m2chat_lite.utils import set_seed
 from m2chat_lite.world.samples import make_samples
 
@@ -405,6 +405,23 @@ def test_words_hidden_from_the_visual_branch_until_a_step_leave_it_a_plain_adapt
     assert opened.adapter.visual.project_words.weight.abs().sum() > 0  # the third step reads them
     with pytest.raises(ValueError, match="words_from_step"):
         run(1, -1)
+
+
+def test_the_words_open_with_a_warm_restart_of_the_learning_rate_when_asked(tok):
+    def lrs(words_lr_ratio):
+        model = system(tok)
+        model.adapter = A.M3Adapter(dataclasses.replace(model.adapter.config, visual_reads_words=True))
+        config = TrainConfig(max_steps=4, lr=1e-2, warmup_steps=1, log_every=1, seed=0)
+        result = m3ft.train_stage1(model, tok, config, batch_size=4, pool_size=12, progress=False, cached_steps=4,
+                                   words_from_step=2, words_lr_ratio=words_lr_ratio)
+        return [h["lr"] for h in result.history], config
+
+    one_cycle, config = lrs(None)
+    assert one_cycle == pytest.approx([1e-2 * lr_lambda(config)(s) for s in range(1, 5)])
+    restarted, _ = lrs(0.25)
+    warm = dataclasses.replace(config, restart_step=2, restart_lr_ratio=0.25)
+    assert restarted == pytest.approx([1e-2 * lr_lambda(warm)(s) for s in range(1, 5)])
+    assert restarted[1] == pytest.approx(0.25e-2)  # step 2, where the words open: a quarter of the peak again
 
 
 def test_alignment_is_scored_like_the_teacher_row(tok):

@@ -1,9 +1,11 @@
 """The shared training loop: budgets, determinism, checkpoints and resume, the NaN guard."""
 
+import math
+
 import pytest
 import torch
 
-from m2chat_lite.training import STATE_FILE, TrainConfig, train
+from m2chat_lite.training import STATE_FILE, TrainConfig, lr_lambda, train
 from m2chat_lite.utils import set_seed
 
 
@@ -76,6 +78,32 @@ def test_bad_budgets_and_damaged_state_are_clear_errors(tmp_path):
     frozen = torch.nn.Linear(1, 1).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         train(frozen, loss_fn, make_batch, TrainConfig(max_steps=5), progress=False)
+
+
+def test_a_warm_restart_runs_a_second_cycle_at_its_share_of_the_rate():
+    config = TrainConfig(max_steps=100, lr=1.0, warmup_steps=10, restart_step=60, restart_lr_ratio=0.25)
+    factor = lr_lambda(config)
+    first = lr_lambda(TrainConfig(max_steps=60, warmup_steps=10))
+    second = lr_lambda(TrainConfig(max_steps=40, warmup_steps=10))
+    assert [factor(s) for s in range(60)] == [first(s) for s in range(60)]  # a 60-step schedule of its own
+    assert [factor(60 + s) for s in range(40)] == pytest.approx([0.25 * second(s) for s in range(40)])
+    assert factor(59) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 49 / 50)))  # near the floor
+    assert factor(60) == pytest.approx(0.25 / 10)  # warms up again...
+    assert max(factor(s) for s in range(60, 100)) == pytest.approx(0.25)  # ...to a quarter of the peak
+    assert factor(99) == pytest.approx(0.25 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 29 / 30))))
+
+    model, loss_fn, make_batch = regression()  # and the loop follows it
+    result = train(model, loss_fn, make_batch, TrainConfig(max_steps=100, lr=0.05, warmup_steps=10, restart_step=60,
+                                                           restart_lr_ratio=0.25, log_every=1), progress=False)
+    assert [h["lr"] for h in result.history] == pytest.approx([0.05 * factor(s) for s in range(1, 101)])
+
+
+@pytest.mark.parametrize("budget", [dict(max_steps=100, restart_step=100), dict(max_steps=100, restart_step=0),
+                                    dict(max_steps=None, max_seconds=60, restart_step=10),
+                                    dict(max_steps=100, restart_step=50, restart_lr_ratio=0.0)])
+def test_a_restart_outside_the_budget_or_without_a_rate_is_refused(budget):
+    with pytest.raises(ValueError, match="restart"):
+        TrainConfig(**budget)
 
 
 def test_gradient_accumulation_equals_one_step_on_the_union_of_the_micro_batches():
