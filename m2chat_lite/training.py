@@ -4,7 +4,8 @@ Taught in notebook ``02_tiny_clip`` (the first model we train) and reused by 03,
 model supplies only a ``loss_fn(batch) -> loss``; this loop owns the rest:
 
 - a **budget** in steps (deterministic: the same seed gives the same weights) and/or seconds;
-- AdamW with linear warm-up and cosine decay, gradient clipping, an optional EMA copy of the weights;
+- AdamW with linear warm-up and cosine decay (and an optional warm restart: a second, lower cycle from
+  ``restart_step``, notebook 07), gradient clipping, an optional EMA copy of the weights;
 - mixed precision on CUDA (``utils.autocast_context``; float16 with a gradient scaler), and bfloat16 on a CPU
   with bfloat16 matrix units if asked (``cpu_bf16``);
 - a ``tqdm`` progress bar and a loss history to plot;
