@@ -29,7 +29,7 @@ from .config import get_config
 from .data import Sample
 from .diffusion import TinyDiffusionPipeline
 from .evaluation import eval_dialog, eval_story, eval_t2i, eval_vqa
-from .foundation import RECIPE, stage1_cached_steps, stage1_words_from_step
+from .foundation import RECIPE, stage1_recipe_kwargs
 from .fusion import load_fused
 from .m3ft import M2ChatModel, build_m2chat, train_joint, train_stage1, train_stage2
 from .pipeline import M2ChatPipeline
@@ -47,16 +47,6 @@ def _config(stage: str, steps: int, seed: int) -> TrainConfig:
     return TrainConfig(max_steps=steps, lr=r["lr"], warmup_steps=min(r["warmup_steps"], max(1, steps // 5)),
                        weight_decay=r["weight_decay"], log_every=max(1, min(25, steps)), checkpoint_every=10**9,
                        seed=seed)
-
-
-def _stage1_recipe(steps: int) -> dict:
-    """The recipe's stage-1 knobs for a budget of ``steps``: the diffusion term's rows, the recipe's share of
-    cached steps, the reference term's weight and where the visual branch's words open, with the warm restart
-    there (``foundation.RECIPE``), so a variant differs from the recipe only where it says."""
-    r = RECIPE["stage1"]
-    return {"diffusion_rows": r["diffusion_rows"], "cached_steps": stage1_cached_steps(steps, None),
-            "lambda_reference": r["lambda_reference"], "words_from_step": stage1_words_from_step(steps, None),
-            "words_lr_ratio": r["words_lr_ratio"]}
 
 
 def fresh_system(fusion_dir, generator: TinyDiffusionPipeline, gate_mode: str = "adaptive", seed: int = 0):
@@ -79,7 +69,7 @@ def train_gate_variant(gate_mode: str, steps: int, fusion_dir, generator: TinyDi
     model, tokenizer = fresh_system(fusion_dir, generator, gate_mode, seed)
     set_seed(seed)  # the diffusion loss's noise: each variant the same, whatever ran before it
     start = time.perf_counter()
-    result = train_stage1(model, tokenizer, _config("stage1", steps, seed), **_stage1_recipe(steps),
+    result = train_stage1(model, tokenizer, _config("stage1", steps, seed), **stage1_recipe_kwargs(steps, None),
                           batch_size=batch_size or RECIPE["stage1"]["batch_size"],
                           pool_size=pool_size or RECIPE["stage1"]["pool_size"], progress=progress)
     info = {"gate_mode": gate_mode, "steps": result.steps, "train_seconds": round(time.perf_counter() - start),
@@ -106,7 +96,7 @@ def train_m3ft_variants(stage1_steps: int, stage2_steps: int, fusion_dir, genera
         set_seed(seed)  # the diffusion loss's noise: each variant the same, whatever ran before it
         start = time.perf_counter()
         result = train_stage1(model, tokenizer, _config("stage1", stage1_steps, seed), batch_size=batch,
-                              pool_size=pool, progress=progress, **_stage1_recipe(stage1_steps))
+                              pool_size=pool, progress=progress, **stage1_recipe_kwargs(stage1_steps, None))
         return {"stage1_steps": result.steps, "stage1_seconds": round(time.perf_counter() - start),
                 "stage1_final": _final_parts(result)}
 

@@ -121,6 +121,16 @@ def stage1_words_from_step(steps: int | None, minutes: float | None) -> int:
     return _recipe_share("words_from_step", steps, minutes) if RECIPE["stage1"]["visual_reads_words"] else 0
 
 
+def stage1_recipe_kwargs(steps: int | None, minutes: float | None) -> dict:
+    """The recipe's stage-1 knobs that depend on the budget, as keyword arguments of ``m3ft.train_stage1``: the
+    diffusion term's rows, the reference term's weight, the cached steps and where the visual branch's words open
+    (with the warm restart there). The CLI stage and the ablations both call it, so they cannot drift apart."""
+    r = RECIPE["stage1"]
+    return {"diffusion_rows": r["diffusion_rows"], "lambda_reference": r["lambda_reference"],
+            "cached_steps": stage1_cached_steps(steps, minutes),
+            "words_from_step": stage1_words_from_step(steps, minutes), "words_lr_ratio": r["words_lr_ratio"]}
+
+
 def _recipe_share(key: str, steps: int | None, minutes: float | None) -> int:
     r = RECIPE["stage1"]
     if steps is None:
@@ -309,10 +319,7 @@ def _train_stage1(run: StageRun):
                          visual_reads_words=r["visual_reads_words"])
     result = train_stage1(model, tokenizer, run.train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
                           lambda_seq=r["lambda_seq"], lambda_pooled=r["lambda_pooled"],
-                          lambda_reference=r["lambda_reference"],
-                          diffusion_rows=r["diffusion_rows"], cached_steps=stage1_cached_steps(run.steps, run.minutes),
-                          words_from_step=stage1_words_from_step(run.steps, run.minutes),
-                          words_lr_ratio=r["words_lr_ratio"],
+                          **stage1_recipe_kwargs(run.steps, run.minutes),
                           out_dir=run.state_dir, device=run.device, progress=run.progress)
 
     def finish() -> dict:

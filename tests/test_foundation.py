@@ -174,6 +174,25 @@ def test_a_recipe_whose_visual_branch_reads_the_words_opens_them_at_its_share_of
     assert stage1_words_from_step(None, None) == 0  # a plain adapter has no words to open
 
 
+def test_the_cli_and_the_ablations_take_stage1s_budget_knobs_from_one_place():
+    import inspect
+
+    from m2chat_lite import ablations, foundation
+    from m2chat_lite.foundation import RECIPE, stage1_recipe_kwargs
+    from m2chat_lite.m3ft import train_stage1
+
+    r = RECIPE["stage1"]
+    kwargs = stage1_recipe_kwargs(r["steps"] // 5, None)
+    assert set(kwargs) <= set(inspect.signature(train_stage1).parameters)  # each one a keyword of train_stage1
+    assert kwargs == {"diffusion_rows": r["diffusion_rows"], "lambda_reference": r["lambda_reference"],
+                      "cached_steps": r["cached_steps"] * (r["steps"] // 5) // r["steps"],
+                      "words_from_step": r["words_from_step"] * (r["steps"] // 5) // r["steps"],
+                      "words_lr_ratio": r["words_lr_ratio"]}
+    assert stage1_recipe_kwargs(None, 5.0)["cached_steps"] == 0 == stage1_recipe_kwargs(None, 5.0)["words_from_step"]
+    # the ablations call the same function (not a copy of it), so a change of the recipe reaches both
+    assert ablations.stage1_recipe_kwargs is foundation.stage1_recipe_kwargs
+
+
 @pytest.mark.slow  # scores the generator on the benchmark's 400 captions twice, as the recipe does: about 3 minutes
 def test_the_generator_stage_trains_a_layout_planner_first_and_ships_it_with_the_unet(tmp_path):
     import shutil
