@@ -9,7 +9,7 @@ Introduced in notebook ``00_welcome``. Subcommands available now:
     m2chat-lite generate --prompt TEXT [--n N] [--seed S] [--out D] [--via generator|m2chat] [--model D]
     m2chat-lite demo [--out page.html] [--story TEXT] [--sample]   an illustrated story and a dialogue, as HTML
     m2chat-lite chat [--out D]             a chat in the terminal; pictures saved as PNG files
-    m2chat-lite eval [--suite t2i story dialog vqa | all] [--json F] [--limit N]   benchmark scores
+    m2chat-lite eval [--suite t2i story dialog chat vqa | all] [--json F] [--limit N]   benchmark scores
 
 To add a subcommand (e.g. ``eval``): write ``add_<name>_parser`` that
 registers its arguments and ``set_defaults(handler=run_<name>)``, write ``run_<name>(args) -> int``,
@@ -440,7 +440,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="score a system on the frozen benchmark: a table and a JSON file")
     parser.add_argument("--model", type=Path, default=None,
                         help="an M²Chat system folder (default: the shipped one in data/checkpoints/tiny)")
-    parser.add_argument("--suite", nargs="+", default=["all"], choices=["t2i", "story", "dialog", "vqa", "all"],
+    parser.add_argument("--suite", nargs="+", default=["all"], choices=["t2i", "story", "dialog", "chat", "vqa", "all"],
                         help="which suites (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     parser.add_argument("--split", choices=("test", "heldout"), default="test")

@@ -13,6 +13,8 @@ returns ``{metric: value}`` with the sample count and seed, using ``metrics.py``
 - ``dialog``: each benchmark dialogue illustrated the same way: the first picture against its scene,
   every later one as an edit of the one before (success on what changed, preservation of the rest), also
   split by the kind of edit and by the number of objects in the scene;
+- ``chat``: the same dialogues, each picture turn answered by the system in its own words (free-running, greedy):
+  the first picture and the edits scored as in ``dialog``, and how often the reply's words are the benchmark's;
 - ``vqa``: exact answers to the visual questions, per kind.
 """
 
@@ -30,7 +32,7 @@ from .data import Image, Sample
 from .world import Obj
 from .world.samples import scenes_of
 
-SUITES = ("t2i", "story", "dialog", "vqa")
+SUITES = ("t2i", "story", "dialog", "chat", "vqa")
 
 
 def messages_of(sample: Sample) -> list[dict]:
@@ -191,6 +193,51 @@ def eval_dialog(pipe, samples: Sequence[Sample], seed: int = 0, progress: bool =
             "gate_mean": _mean(gates), "edits": len(edits), "first_pictures": len(first)}
 
 
+def benchmark_messages(sample: Sample, upto: int) -> list[dict]:
+    """The first ``upto`` turns of a benchmark conversation as pipeline messages, every picture in them loaded
+    (the user's and the assistant's alike: the benchmark's own renderings of its scenes)."""
+    return [{"role": turn.role, "content": [{"type": "image", "image": s.load()} if isinstance(s, Image)
+                                            else {"type": "text", "text": s.text} for s in turn.content]}
+            for turn in sample.turns[:upto]]
+
+
+def eval_chat(pipe, samples: Sequence[Sample], seed: int = 0, progress: bool = True) -> dict:
+    """Each benchmark dialogue's picture turns answered by the system **in its own words**: the conversation up
+    to the user's request as the benchmark has it (its words, its pictures), then the reply the system writes
+    (greedy) and the first picture it draws, scored by the oracle against the scene the user asked for, as
+    :func:`eval_dialog` scores a picture drawn for the benchmark's words. The two suites side by side say
+    whether a miss is in what the LM writes or in how the adapter and generator draw it. Also: how often the
+    reply has a picture at all, and how often its words are the benchmark's reply (the templates are fixed, so a
+    right reply is word for word)."""
+    first, edits, words_right, drew = [], [], [], []
+    for sample in tqdm(samples, desc="chats", disable=not progress):
+        scenes, kinds = scenes_of(sample), picture_kinds(sample)
+        index = 0
+        for position, turn in enumerate(sample.turns):
+            pictures = [s for s in turn.content if isinstance(s, Image)]
+            if turn.role == "assistant" and pictures:
+                reply = pipe.chat(benchmark_messages(sample, position), seed=seed * 1_000_003 + index)
+                drawn = reply.images
+                said = " ".join(s["text"] for s in reply.message["content"] if s["type"] == "text")
+                words_right.append(metrics.exact_match([said], [" ".join(s.text for s in turn.content
+                                                                         if not isinstance(s, Image))]))
+                drew.append(float(bool(drawn)))
+                if index == 0:
+                    first.append(metrics.scene_scores(drawn[:1], scenes[:1])["exact"] if drawn else 0.0)
+                else:
+                    row = metrics.edit_scores(drawn[0], scenes[index - 1], scenes[index]) if drawn else {
+                        "success": 0.0, "exact": 0.0,
+                        "preservation": 0.0 if any(o in scenes[index - 1].objects for o in scenes[index]) else None}
+                    edits.append({**row, "kind": kinds[index]})
+            index += len(pictures)
+    return {"first_picture_exact": _mean(first), "edit_success": _mean(e["success"] for e in edits),
+            "edit_preservation": _mean(e["preservation"] for e in edits), "edit_exact": _mean(e["exact"] for e in edits),
+            "edit_success_by_kind": {k: _mean(e["success"] for e in edits if e["kind"] == k)
+                                     for k in sorted({e["kind"] for e in edits})},
+            "replies_with_a_picture": _mean(drew), "reply_words_exact": _mean(words_right),
+            "edits": len(edits), "first_pictures": len(first)}
+
+
 def eval_vqa(pipe, samples: Sequence[Sample]) -> dict:
     from .fusion import vqa_accuracy
 
@@ -199,7 +246,7 @@ def eval_vqa(pipe, samples: Sequence[Sample]) -> dict:
             **{f"exact_{kind}": value for kind, value in result["per_kind"].items()}}
 
 
-BENCHMARK_TASK = {"t2i": "caption", "story": "story", "dialog": "dialogue", "vqa": "vqa"}
+BENCHMARK_TASK = {"t2i": "caption", "story": "story", "dialog": "dialogue", "chat": "dialogue", "vqa": "vqa"}
 
 
 def run(pipe, suites: Sequence[str] = SUITES, split: str = "test", limit: int | None = None, seed: int = 0,
@@ -219,6 +266,8 @@ def run(pipe, suites: Sequence[str] = SUITES, split: str = "test", limit: int | 
             scores = eval_story(pipe, samples, seed, progress=progress)
         elif suite == "dialog":
             scores = eval_dialog(pipe, samples, seed, progress=progress)
+        elif suite == "chat":
+            scores = eval_chat(pipe, samples, seed, progress=progress)
         else:
             scores = eval_vqa(pipe, samples)
         results[suite] = {**scores, "n": len(samples), "seed": seed, "seconds": time.perf_counter() - start}

@@ -311,7 +311,7 @@ def test_eval_runs_every_suite_on_a_few_samples(system_dir, tmp_path, capsys):
     out = tmp_path / "scores.json"
     assert main(["eval", "--model", str(system_dir), "--suite", "all", "--limit", "2", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert set(results) == {"meta", "t2i", "story", "dialog", "vqa"}
+    assert set(results) == {"meta", "t2i", "story", "dialog", "chat", "vqa"}
     assert results["t2i"]["n"] == 2 and 0 <= results["t2i"]["m2chat"]["exact"] <= 1
     assert results["t2i"]["teacher"]["fid_tiny_clip"] >= 0 and results["story"]["frames"] >= 4
     assert 0 <= results["story"]["consistency"] <= 1 and results["dialog"]["edits"] >= 1
@@ -319,6 +319,8 @@ def test_eval_runs_every_suite_on_a_few_samples(system_dir, tmp_path, capsys):
     assert by_kind and set(by_kind) <= {"move", "recolor", "resize", "add"}
     assert set(results["dialog"]["edit_success_by_objects"]) <= {"1", "2", "3"}
     assert 0 <= results["vqa"]["exact"] <= 1 and results["meta"]["seed"] == 0
+    assert results["chat"]["first_pictures"] + results["chat"]["edits"] >= 2  # each picture turn answered freely
+    assert 0 <= results["chat"]["reply_words_exact"] <= 1
     assert results["meta"]["model"] == str(system_dir) and results["meta"]["threads"] >= 1
     printed = capsys.readouterr().out
     assert "== story (2 samples" in printed and "consistency" in printed
@@ -335,6 +337,44 @@ def test_picture_kinds_name_what_made_each_picture_of_a_dialogue():
         kinds = picture_kinds(sample)
         assert len(kinds) == len(scenes_of(sample)) and kinds[0] in ("upload", "request")
         assert set(kinds[1:]) <= {"move", "recolor", "resize", "add"}
+
+
+class _Replying:
+    """A stand-in system for eval_chat's scoring: its reply to a benchmark conversation is the benchmark's own next
+    turn (its words and, if ``draw``, its picture), so every score is known in advance."""
+
+    def __init__(self, sample, draw: bool = True):
+        self.sample, self.draw, self.seeds = sample, draw, []
+
+    def chat(self, messages, seed=0):
+        from m2chat_lite.data import Image
+        from m2chat_lite.pipeline import Reply
+
+        self.seeds.append(seed)
+        turn = self.sample.turns[len(messages)]
+        content = [{"type": "image", "image": s.load(), "gate": 0.0} if isinstance(s, Image)
+                   else {"type": "text", "text": s.text} for s in turn.content if self.draw or not isinstance(s, Image)]
+        return Reply({"role": "assistant", "content": content}, True, 0, 0.0)
+
+
+def test_eval_chat_scores_the_systems_own_replies_against_the_scenes_the_user_asked_for():
+    from m2chat_lite.evaluation import eval_chat
+
+    dialogues = load_benchmark("dialogue", split="test")
+    request, upload = dialogues[8], dialogues[0]  # a request, a resize, an add; an upload, then a resize
+    right = _Replying(request)
+    scores = eval_chat(right, [request], seed=1, progress=False)
+    assert scores["first_pictures"] == 1 and scores["edits"] == 2 and right.seeds == [1_000_003, 1_000_004, 1_000_005]
+    assert scores["first_picture_exact"] == scores["edit_success"] == scores["edit_preservation"] == 1.0
+    assert scores["reply_words_exact"] == scores["replies_with_a_picture"] == 1.0
+    assert set(scores["edit_success_by_kind"]) == {"resize", "add"}
+    uploaded = _Replying(upload)
+    scores = eval_chat(uploaded, [upload], progress=False)  # "i see ..." draws nothing, so it is not scored
+    assert scores["first_pictures"] == 0 and scores["edits"] == 1 and uploaded.seeds == [1]
+    assert scores["edit_success"] == scores["edit_preservation"] == 1.0
+    silent = eval_chat(_Replying(request, draw=False), [request], progress=False)  # the right words, no picture
+    assert silent["replies_with_a_picture"] == silent["first_picture_exact"] == silent["edit_success"] == 0.0
+    assert silent["edit_preservation"] == 0.0 and silent["reply_words_exact"] == 1.0 and silent["edits"] == 2
 
 
 def test_the_two_step_baseline_draws_from_the_words_before_each_picture(pipe):
