@@ -200,7 +200,7 @@ def _train_clip_stage(run: StageRun):
 
 
 def _train_lm_stage(run: StageRun):
-    from .backbone import benchmark_perplexity, build_tokenizer, load_lm, save_lm, train_lm
+    from .backbone import benchmark_perplexity, build_tokenizer, load_lm, restated_requests, save_lm, train_lm
 
     tokenizer = build_tokenizer(run.config)
     model, result = train_lm(run.config, tokenizer, run.train_config, out_dir=run.state_dir, device=run.device,
@@ -211,7 +211,9 @@ def _train_lm_stage(run: StageRun):
         save_lm(model, tokenizer, run.out_dir / "lm", dtype=torch.float16)
         shipped, _ = load_lm(run.out_dir / "lm", device=run.device)
         return {"shipped (float16 weights)": benchmark_perplexity(shipped, tokenizer, split="test", device=run.device),
-                "float32 weights": benchmark_perplexity(model, tokenizer, split="test", device=run.device)}
+                "float32 weights": benchmark_perplexity(model, tokenizer, split="test", device=run.device),
+                "requests restated (benchmark dialogues)": {
+                    split: restated_requests(shipped, tokenizer, split=split)["exact"] for split in ("test", "heldout")}}
 
     return result, finish
 

@@ -194,6 +194,26 @@ def test_caption_entropy_reference(tokenizer):
 # --------------------------------------------------------------------------------------------- generation
 
 
+def test_restated_requests_scores_the_words_after_here_is_against_the_asked_scene(tokenizer, model, monkeypatch):
+    from m2chat_lite.benchmark import load_benchmark
+    from m2chat_lite.data import Image
+
+    dialogues = load_benchmark("dialogue", split="test")[:20]
+    requests = [d for d in dialogues if not any(isinstance(s, Image) for s in d.turns[0].content)]
+    truth = {d.turns[0].content[0].text: d.turns[1].content[0].text for d in requests}  # "here is <the scene>."
+    monkeypatch.setattr(backbone, "generate_text", lambda m, t, messages, **kw: truth[messages[0]["content"]] + "[IMG0]")
+    right = backbone.restated_requests(model, tokenizer, limit=20)
+    assert right["exact"] == 1.0 and right["n"] == len(requests) > 0 and all(ok for *_, ok in right["replies"])
+    wrong = {request: reply.replace("here is", "i drew") for request, reply in truth.items()}  # nothing to parse
+    monkeypatch.setattr(backbone, "generate_text", lambda m, t, messages, **kw: wrong[messages[0]["content"]])
+    assert backbone.restated_requests(model, tokenizer, limit=20)["exact"] == 0.0
+    monkeypatch.undo()
+    real = backbone.restated_requests(model, tokenizer, limit=5)  # an untrained LM, decoded for real
+    assert 0.0 <= real["exact"] <= 1.0 and len(real["replies"]) == real["n"]
+    with pytest.raises(ValueError, match="opens with a request"):
+        backbone.restated_requests(model, tokenizer, limit=0)
+
+
 def test_greedy_generation_is_deterministic_and_sampling_follows_the_seed(tokenizer, model):
     before = torch.get_rng_state()
     greedy = [backbone.generate_text(model, tokenizer, STORY, max_new_tokens=12) for _ in range(2)]

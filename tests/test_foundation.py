@@ -115,6 +115,8 @@ def test_the_lm_stage_ships_float16_weights_scored_as_shipped_and_in_float32(tmp
     assert set(shipped) == set(full) >= {"caption", "story", "dialogue", "vqa"}
     for task in ("caption", "story", "dialogue", "vqa"):  # half precision costs nothing a perplexity shows
         assert shipped[task]["perplexity"] == pytest.approx(full[task]["perplexity"], rel=1e-3)
+    restated = record["metrics"]["requests restated (benchmark dialogues)"]  # the skill perplexity hides
+    assert set(restated) == {"test", "heldout"} and all(0.0 <= v <= 1.0 for v in restated.values())
     with safe_open(tmp_path / "lm" / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     model, _ = load_lm(tmp_path / "lm")
