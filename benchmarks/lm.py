@@ -7,7 +7,8 @@
 Prints the training speed (steps/s, tokens/s, wall time), the perplexity per task on the benchmark's
 ``test`` part (and ``heldout`` part), the caption entropy reference (the best any model can do on those
 caption conversations, from the grammar's exact probabilities, see ``backbone.entropy_reference``), how
-often the LM restates a request for a picture right (``backbone.restated_requests``), and greedy continuations of a prompt of each kind. The model and tokenizer are saved to ``--out`` with
+often the LM restates a request for a picture right (``backbone.restated_requests``), and greedy
+continuations of a prompt of each kind. The model and tokenizer are saved to ``--out`` with
 ``backbone.save_lm`` and the figures to ``--out/metrics.json``.
 """
 

@@ -35,15 +35,17 @@ from .world.samples import scenes_of
 SUITES = ("t2i", "story", "dialog", "chat", "vqa")
 
 
-def messages_of(sample: Sample) -> list[dict]:
+def messages_of(sample: Sample, assistant_pictures: bool = False) -> list[dict]:
     """A benchmark conversation as pipeline messages: the user's pictures loaded, the assistant's pictures
-    left empty (``{"type": "image"}``) for ``pipeline.illustrate`` to draw."""
+    left empty (``{"type": "image"}``) for ``pipeline.illustrate`` to draw, or with ``assistant_pictures``
+    loaded too (the benchmark's own renderings of its scenes, the context :func:`eval_chat` replies to)."""
     messages = []
     for turn in sample.turns:
         content = []
         for segment in turn.content:
             if isinstance(segment, Image):
-                content.append({"type": "image"} if turn.role == "assistant" else {"type": "image", "image": segment.load()})
+                content.append({"type": "image"} if turn.role == "assistant" and not assistant_pictures
+                               else {"type": "image", "image": segment.load()})
             else:
                 content.append({"type": "text", "text": segment.text})
         messages.append({"role": turn.role, "content": content})
@@ -193,14 +195,6 @@ def eval_dialog(pipe, samples: Sequence[Sample], seed: int = 0, progress: bool =
             "gate_mean": _mean(gates), "edits": len(edits), "first_pictures": len(first)}
 
 
-def benchmark_messages(sample: Sample, upto: int) -> list[dict]:
-    """The first ``upto`` turns of a benchmark conversation as pipeline messages, every picture in them loaded
-    (the user's and the assistant's alike: the benchmark's own renderings of its scenes)."""
-    return [{"role": turn.role, "content": [{"type": "image", "image": s.load()} if isinstance(s, Image)
-                                            else {"type": "text", "text": s.text} for s in turn.content]}
-            for turn in sample.turns[:upto]]
-
-
 def eval_chat(pipe, samples: Sequence[Sample], seed: int = 0, progress: bool = True) -> dict:
     """Each benchmark dialogue's picture turns answered by the system **in its own words**: the conversation up
     to the user's request as the benchmark has it (its words, its pictures), then the reply the system writes
@@ -212,11 +206,12 @@ def eval_chat(pipe, samples: Sequence[Sample], seed: int = 0, progress: bool = T
     first, edits, words_right, drew = [], [], [], []
     for sample in tqdm(samples, desc="chats", disable=not progress):
         scenes, kinds = scenes_of(sample), picture_kinds(sample)
+        conversation = messages_of(sample, assistant_pictures=True)  # each reply is to a prefix of it
         index = 0
         for position, turn in enumerate(sample.turns):
             pictures = [s for s in turn.content if isinstance(s, Image)]
             if turn.role == "assistant" and pictures:
-                reply = pipe.chat(benchmark_messages(sample, position), seed=seed * 1_000_003 + index)
+                reply = pipe.chat(conversation[:position], seed=seed * 1_000_003 + index)
                 drawn = reply.images
                 said = " ".join(s["text"] for s in reply.message["content"] if s["type"] == "text")
                 words_right.append(metrics.exact_match([said], [" ".join(s.text for s in turn.content
@@ -225,10 +220,8 @@ def eval_chat(pipe, samples: Sequence[Sample], seed: int = 0, progress: bool = T
                 if index == 0:
                     first.append(metrics.scene_scores(drawn[:1], scenes[:1])["exact"] if drawn else 0.0)
                 else:
-                    row = metrics.edit_scores(drawn[0], scenes[index - 1], scenes[index]) if drawn else {
-                        "success": 0.0, "exact": 0.0,
-                        "preservation": 0.0 if any(o in scenes[index - 1].objects for o in scenes[index]) else None}
-                    edits.append({**row, "kind": kinds[index]})
+                    edits.append({**metrics.edit_scores(drawn[0] if drawn else None, scenes[index - 1], scenes[index]),
+                                  "kind": kinds[index]})
             index += len(pictures)
     return {"first_picture_exact": _mean(first), "edit_success": _mean(e["success"] for e in edits),
             "edit_preservation": _mean(e["preservation"] for e in edits), "edit_exact": _mean(e["exact"] for e in edits),

@@ -131,17 +131,21 @@ def story_scores(frames: Sequence, scenes: Sequence[Scene], character: Obj) -> d
 
 
 def edit_scores(picture, before: Scene, after: Scene) -> dict[str, float | None]:
-    """A dialogue edit: the picture drawn for ``after``, the request made on ``before``.
+    """A dialogue edit: the picture drawn for ``after`` (``None``: none was drawn, so nothing is seen), the
+    request made on ``before``.
 
     ``success``: the fraction of the objects the edit changed or added that the oracle reads exactly
     (cell, shape, colour, size); ``preservation``: the same for the objects the edit left alone (``None``
     if there are none); ``exact``: the whole scene right."""
-    seen = set(read_scene(picture).objects)
+    if picture is None:
+        seen, exact = set(), 0.0
+    else:
+        seen, exact = set(read_scene(picture).objects), score(picture, after)["exact"]
     changed = [o for o in after if o not in before.objects]
     kept = [o for o in after if o in before.objects]
     return {"success": sum(o in seen for o in changed) / len(changed) if changed else None,
             "preservation": sum(o in seen for o in kept) / len(kept) if kept else None,
-            "exact": score(picture, after)["exact"]}
+            "exact": exact}
 
 
 # --------------------------------------------------------------------------------------------- words
