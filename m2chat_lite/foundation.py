@@ -49,9 +49,9 @@ RECIPE = {
     # The LM: 800 steps of 20 packed 256-token rows at lr 1.6e-2, in a bfloat16 autocast (`cpu_bf16`). The recipe
     # before (8 rows at 4e-3) came within 2% of the grammar's caption entropy, yet restated 11% of the benchmark's
     # requests for a picture ("here is <the scene asked for>"), so the system drew what it said, not what was asked.
-    # Four times its tokens restated 98-100%, but took the foundation over its 20 minutes; at 20 rows a higher lr
-    # finds the skill in two and a half times the tokens: 4e-3 / 8e-3 / 1.2e-2 / 1.6e-2 restated 31 (24 rows) / 64 /
-    # 85 / 100% of the test requests (benchmarks/M2CHAT_RECIPE.md, "In its own words" and "An LM that restates")
+    # Four times its tokens restated 98-100%, but took the foundation over its 20 minutes. A higher lr finds the skill
+    # in two and a half times the tokens: at 20 rows, lr 8e-3 / 1.2e-2 / 1.6e-2 restated 64 / 85 / 100% of the test
+    # requests (4e-3 at 24 rows: 31%) (benchmarks/M2CHAT_RECIPE.md, "In its own words" and "An LM that restates")
     "lm": {"steps": 800, "lr": 1.6e-2, "warmup_steps": 50, "weight_decay": 0.01, "rows": 20, "n_per_task": 5000,
            "cpu_bf16": True},
     # `cpu_bf16`: a bfloat16 autocast on CPUs with bfloat16 matrix units (utils.cpu_has_bf16): the UNet's step

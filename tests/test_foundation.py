@@ -217,6 +217,6 @@ def test_only_the_generator_and_lm_stages_ask_for_bfloat16_on_the_cpu():
     from m2chat_lite.foundation import STAGES, M2CHAT_STAGES, _train_config
 
     # measured: a quarter faster for the UNet on a CPU with bfloat16 units, slower for the CLIP (DIFFUSION_RECIPE.md);
-    # the LM's 20-row step about 1.6 times faster, the skill it must learn kept (M2CHAT_RECIPE.md, "An LM that restates")
+    # the LM's step about 1.6 times faster (32 rows, one thread), the skill it must learn kept (M2CHAT_RECIPE.md)
     asked = {stage for stage in STAGES + M2CHAT_STAGES if _train_config(stage, None, None, 0).cpu_bf16}
     assert asked == {"diffusion", "lm"}
