@@ -66,7 +66,8 @@ def main(argv=None) -> dict:
     config = get_config("tiny")
     start = time.perf_counter()
     tokenizer = build_tokenizer(config)
-    train_config = TrainConfig(max_steps=args.steps, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
+    train_config = TrainConfig(max_steps=args.steps, lr=args.lr, warmup_steps=args.warmup,
+                               weight_decay=FOUNDATION_RECIPE["lm"]["weight_decay"], seed=args.seed,
                                log_every=max(1, args.steps // 50), cpu_bf16=args.bf16)
     model, result = train_lm(config, tokenizer, train_config, device=args.device, n_per_task=args.n_per_task,
                              rows=args.rows, seq_len=args.seq_len)
