@@ -70,7 +70,7 @@ def train_gate_variant(gate_mode: str, steps: int, fusion_dir, generator: TinyDi
     set_seed(seed)  # the diffusion loss's noise: each variant the same, whatever ran before it
     start = time.perf_counter()
     result = train_stage1(model, tokenizer, _config("stage1", steps, seed), **stage1_recipe_kwargs(steps, None),
-                          batch_size=batch_size or RECIPE["stage1"]["batch_size"],
+                          generator=generator, batch_size=batch_size or RECIPE["stage1"]["batch_size"],
                           pool_size=pool_size or RECIPE["stage1"]["pool_size"], progress=progress)
     info = {"gate_mode": gate_mode, "steps": result.steps, "train_seconds": round(time.perf_counter() - start),
             "final_parts": _final_parts(result)}
@@ -96,7 +96,8 @@ def train_m3ft_variants(stage1_steps: int, stage2_steps: int, fusion_dir, genera
         set_seed(seed)  # the diffusion loss's noise: each variant the same, whatever ran before it
         start = time.perf_counter()
         result = train_stage1(model, tokenizer, _config("stage1", stage1_steps, seed), batch_size=batch,
-                              pool_size=pool, progress=progress, **stage1_recipe_kwargs(stage1_steps, None))
+                              pool_size=pool, progress=progress, generator=generator,
+                              **stage1_recipe_kwargs(stage1_steps, None))
         return {"stage1_steps": result.steps, "stage1_seconds": round(time.perf_counter() - start),
                 "stage1_final": _final_parts(result)}
 

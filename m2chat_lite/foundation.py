@@ -93,7 +93,7 @@ RECIPE = {
                "pool_size": 12000, "gate_mode": "adaptive", "lambda_seq": 1.0, "lambda_pooled": 1.0,
                "lambda_reference": 1.0,
                "diffusion_rows": 4, "cached_steps": 1600, "visual_reads_words": True, "words_from_step": 1100,
-               "words_lr_ratio": 0.25},
+               "words_lr_ratio": 0.25, "drawn_references": 0.0, "drawing_steps": 4, "drawing_guidance": 3.0},
     # `mix`: the shares of stories, dialogues and visual questions in stage 2's pool (m3ft.stage2_samples).
     # `per_conversation`: the LM loss weighs each conversation once, not each token (m3ft.stage2_loss). Weighed by
     # token, the visual questions, 30% of the conversations, were 2.8% of the loss, and stage 2 lost about 12 points
@@ -135,7 +135,9 @@ def stage1_recipe_kwargs(steps: int | None, minutes: float | None) -> dict:
     r = RECIPE["stage1"]
     return {"diffusion_rows": r["diffusion_rows"], "lambda_reference": r["lambda_reference"],
             "cached_steps": stage1_cached_steps(steps, minutes),
-            "words_from_step": stage1_words_from_step(steps, minutes), "words_lr_ratio": r["words_lr_ratio"]}
+            "words_from_step": stage1_words_from_step(steps, minutes), "words_lr_ratio": r["words_lr_ratio"],
+            "drawn_references": r["drawn_references"], "drawing_steps": r["drawing_steps"],
+            "drawing_guidance": r["drawing_guidance"]}
 
 
 def _recipe_share(key: str, steps: int | None, minutes: float | None) -> int:
@@ -328,7 +330,7 @@ def _train_stage1(run: StageRun):
                          visual_reads_words=r["visual_reads_words"])
     result = train_stage1(model, tokenizer, run.train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
                           lambda_seq=r["lambda_seq"], lambda_pooled=r["lambda_pooled"],
-                          **stage1_recipe_kwargs(run.steps, run.minutes),
+                          **stage1_recipe_kwargs(run.steps, run.minutes), generator=pipeline,
                           out_dir=run.state_dir, device=run.device, progress=run.progress)
 
     def finish() -> dict:

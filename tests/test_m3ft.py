@@ -73,6 +73,47 @@ def test_alignment_examples_are_deterministic_and_mixed():
     assert {e.sample.task for e in a} == {"caption", "story", "dialogue"}
 
 
+def test_drawn_references_replace_only_the_assistants_pictures_in_the_example_and_its_conversation(tok):
+    from m2chat_lite.data import Image
+
+    set_seed(0)
+    clip = build_clip(CONFIG, tok).eval()
+    _, sampler = D.build_schedulers()
+    generator = D.TinyDiffusionPipeline(D.build_unet(CONFIG), sampler, clip, tok, {"num_inference_steps": 2})
+    examples = m3ft.alignment_examples(30, seed=1)
+    before = [(e.reference, e.sample) for e in examples]
+
+    def drawn_by_assistant(e):
+        places = [(t, s) for t, turn in enumerate(e.sample.turns) for s in turn.content if isinstance(s, Image)]
+        return e.reference is not None and e.sample.turns[places[-2][0]].role == "assistant"
+
+    assert any(drawn_by_assistant(e) for e in examples)
+    assert any(e.reference is not None and not drawn_by_assistant(e) for e in examples)  # an upload
+    none = m3ft.draw_references(examples, generator, 0.0)
+    assert all(a is b for a, b in zip(none, examples))
+    every = m3ft.draw_references(examples, generator, 1.0, seed=2, num_inference_steps=2)
+    for old, new in zip(examples, every):
+        if drawn_by_assistant(old):
+            assert new.reference is not old.reference and new.reference.size == old.reference.size
+            assert new.sample.images()[-2].image is new.reference  # the LM reads the same drawing
+            assert new.sample.images()[-1].load().tobytes() == old.sample.images()[-1].load().tobytes()
+            assert (new.caption, new.target, new.reference_caption) == (old.caption, old.target, old.reference_caption)
+        else:
+            assert new is old  # captions without a reference, and a user's upload, stay as they are
+    assert [(e.reference, e.sample) for e in examples] == before  # the input is not changed
+    again = m3ft.draw_references(examples, generator, 1.0, seed=2, num_inference_steps=2)
+    assert [e.reference.tobytes() for e in again if e.reference is not None] == \
+        [e.reference.tobytes() for e in every if e.reference is not None]  # deterministic from the seed
+    half = m3ft.draw_references(examples, generator, 0.5, seed=2, num_inference_steps=2)
+    redrawn = sum(new is not old for new, old in zip(half, examples))
+    assert 0 < redrawn < sum(map(drawn_by_assistant, examples))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        m3ft.draw_references(examples, generator, 1.5)
+    with pytest.raises(ValueError, match="generator="):
+        m3ft.train_stage1(system(tok), tok, TrainConfig(max_steps=1), batch_size=4, pool_size=12, progress=False,
+                          drawn_references=0.5)
+
+
 def test_the_batch_stops_right_after_the_img_span_and_conditions_on_it(tok):
     model = system(tok)
     examples = m3ft.alignment_examples(6, seed=1)
