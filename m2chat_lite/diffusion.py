@@ -52,6 +52,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import __version__
 from .config import M2ChatConfig
@@ -784,12 +785,12 @@ def _noise(size: int, seed: int, index: int) -> torch.Tensor:
 
 
 def generate_for_prompts(pipeline: TinyDiffusionPipeline, prompts: Sequence[str], seed: int = 0,
-                         batch_size: int = 50, **kwargs) -> list[PIL.Image.Image]:
+                         batch_size: int = 50, progress: str | None = None, **kwargs) -> list[PIL.Image.Image]:
     """One picture per prompt; prompt ``i`` always starts from the same noise (seed ``seed``, index ``i``),
-    whatever the batch size."""
+    whatever the batch size. ``progress``: a progress bar over the batches, with that description."""
     images = []
     size = pipeline.image_size
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=progress, disable=progress is None):
         chunk = list(prompts[start:start + batch_size])
         latents = torch.stack([_noise(size, seed, start + i) for i in range(len(chunk))])
         images += pipeline(prompt=chunk, latents=latents, **kwargs)

@@ -162,13 +162,16 @@ def picture_kinds(sample: Sample) -> list[str]:
 def eval_dialog(pipe, samples: Sequence[Sample], seed: int = 0, progress: bool = True, two_step: bool = False) -> dict:
     """``two_step=True`` draws the pictures with :func:`illustrate_two_step` (the baseline row). Besides the
     means over all edits, ``edit_success_by_kind`` and ``edit_preservation_by_kind`` split them by what the
-    user asked (move, recolor, resize, add), and ``edit_*_by_objects`` by how many objects the edited scene
-    holds: where the system fails, not only how often."""
+    user asked (move, recolor, resize, add), ``edit_*_by_objects`` by how many objects the edited scene
+    holds, and ``edit_*_by_reference`` by the picture the edit starts from: the user's ``upload``, the system's
+    ``first drawing``, or an ``earlier edit`` of the system's. Each edit is scored against the benchmark's scene
+    before it, so an object lost in one edit is lost again in the next: the last group shows how misses
+    compound over a conversation. Where the system fails, not only how often."""
     first, edits, gates = [], [], []
     for sample in tqdm(samples, desc="dialogues", disable=not progress):
         messages = _illustrate(pipe, sample, seed, two_step)
         scenes, kinds = scenes_of(sample), picture_kinds(sample)
-        index = 0
+        index, reference = 0, None
         for message in messages:
             for segment in message["content"] if not isinstance(message["content"], str) else []:
                 if segment["type"] != "image":
@@ -178,9 +181,11 @@ def eval_dialog(pipe, samples: Sequence[Sample], seed: int = 0, progress: bool =
                         first.append(metrics.scene_scores([segment["image"]], [scenes[0]])["exact"])
                     else:
                         edits.append({**metrics.edit_scores(segment["image"], scenes[index - 1], scenes[index]),
-                                      "kind": kinds[index], "objects": len(scenes[index])})
+                                      "kind": kinds[index], "objects": len(scenes[index]), "reference": reference})
                         if segment["gate"] is not None:
                             gates.append(segment["gate"])
+                reference = ("upload" if message["role"] == "user" else
+                             "first drawing" if reference is None else "earlier edit")
                 index += 1
 
     def split(key: str, by: str) -> dict:
@@ -192,6 +197,8 @@ def eval_dialog(pipe, samples: Sequence[Sample], seed: int = 0, progress: bool =
             "edit_success_by_kind": split("success", "kind"), "edit_preservation_by_kind": split("preservation", "kind"),
             "edit_success_by_objects": split("success", "objects"),
             "edit_preservation_by_objects": split("preservation", "objects"),
+            "edit_success_by_reference": split("success", "reference"),
+            "edit_preservation_by_reference": split("preservation", "reference"),
             "gate_mean": _mean(gates), "edits": len(edits), "first_pictures": len(first)}
 
 

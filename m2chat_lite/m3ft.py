@@ -338,8 +338,8 @@ def alignment_examples(n: int, seed: int = 0, split: str = "train", tasks: Seque
 
 
 def draw_references(examples: Sequence[AlignmentExample], generator, share: float, seed: int = 0,
-                    num_inference_steps: int = 4, guidance_scale: float = 1.0,
-                    batch_size: int = 128) -> list[AlignmentExample]:
+                    num_inference_steps: int = 4, guidance_scale: float = 1.0, batch_size: int = 128,
+                    progress: bool = False) -> list[AlignmentExample]:
     """The examples with ``share`` of the reference pictures *the assistant drew* (a story's frame before, a
     dialogue's picture before an edit; a user's upload stays as it is) redrawn by the frozen ``generator`` from
     the reference's caption, in the example and in the conversation the LM reads. The input is not changed.
@@ -366,7 +366,8 @@ def draw_references(examples: Sequence[AlignmentExample], generator, share: floa
         return out
     pictures = generate_for_prompts(generator, [out[i].reference_caption for i, _ in chosen], seed=seed,
                                     batch_size=batch_size, num_inference_steps=num_inference_steps,
-                                    guidance_scale=guidance_scale)
+                                    guidance_scale=guidance_scale,
+                                    progress="stage 1: drawing the references" if progress else None)
     for (i, (t, j)), picture in zip(chosen, pictures):
         example = out[i]
         turns = list(example.sample.turns)
@@ -655,7 +656,8 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
         alignment_examples(pool_size, seed=train_config.seed, image_size=model.image_size)
     if drawn_references:
         examples = draw_references(examples, generator, drawn_references, seed=train_config.seed,
-                                   num_inference_steps=drawing_steps, guidance_scale=drawing_guidance)
+                                   num_inference_steps=drawing_steps, guidance_scale=drawing_guidance,
+                                   progress=progress)
     full_batch = _alignment_batches(model, tokenizer, examples, batch_size, train_config.seed, pool_size)
     make_batch = full_batch
     if cached_steps:

@@ -377,6 +377,38 @@ def test_eval_chat_scores_the_systems_own_replies_against_the_scenes_the_user_as
     assert silent["edit_preservation"] == 0.0 and silent["reply_words_exact"] == 1.0 and silent["edits"] == 2
 
 
+class _Illustrating:
+    """A stand-in system for eval_dialog's scoring: it illustrates a benchmark dialogue with the benchmark's own
+    pictures, so every edit is right."""
+
+    def __init__(self, sample):
+        self.sample = sample
+
+    def illustrate(self, messages, seed=0):
+        from m2chat_lite.evaluation import messages_of
+
+        done = messages_of(self.sample, assistant_pictures=True)
+        for message in done:
+            for segment in message["content"]:
+                if segment["type"] == "image" and message["role"] == "assistant":
+                    segment["gate"] = 0.5
+        return done
+
+
+def test_eval_dialog_splits_edits_by_the_picture_they_start_from():
+    from m2chat_lite.evaluation import eval_dialog
+
+    dialogues = load_benchmark("dialogue", split="test")
+    request, upload = dialogues[8], dialogues[0]  # a request, a resize, an add; an upload, then a resize
+    scores = eval_dialog(_Illustrating(request), [request], progress=False)
+    assert scores["first_pictures"] == 1 and scores["edits"] == 2 and scores["edit_success"] == 1.0
+    assert scores["edit_success_by_reference"] == {"first drawing": 1.0, "earlier edit": 1.0}
+    assert set(scores["edit_preservation_by_reference"]) == {"first drawing", "earlier edit"}
+    scores = eval_dialog(_Illustrating(upload), [upload], progress=False)
+    assert scores["first_pictures"] == 0 and scores["edits"] == 1
+    assert scores["edit_success_by_reference"] == {"upload": 1.0} and scores["gate_mean"] == 0.5
+
+
 def test_the_two_step_baseline_draws_from_the_words_before_each_picture(pipe):
     from m2chat_lite.evaluation import illustrate_two_step, messages_of
     from m2chat_lite.world.samples import make_samples
