@@ -92,8 +92,8 @@ RECIPE = {
     # `drawn_references`: the share of the references the assistant drew that the frozen generator redraws before
     # stage 1 (m3ft.draw_references), with `drawing_steps` and `drawing_guidance`. Off (0): all of them, at 4 steps
     # and guidance 3, kept 86.9% and 93.5% of untouched objects at stage 1 against 75.0% and 81.5% (two seeds), but
-    # would cost an estimated 200 s on 2 threads that the 15 minutes do not have yet (M2CHAT_RECIPE.md, "The picture before is
-    # the system's own")
+    # would cost an estimated 200 s on 2 threads that the 15 minutes do not have yet (M2CHAT_RECIPE.md, "The
+    # picture before is the system's own")
     "stage1": {"steps": 1625, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
                "pool_size": 12000, "gate_mode": "adaptive", "lambda_seq": 1.0, "lambda_pooled": 1.0,
                "lambda_reference": 1.0,

@@ -347,8 +347,9 @@ def draw_references(examples: Sequence[AlignmentExample], generator, share: floa
     Why: in use, the picture before an edit is the system's own drawing, not ShapeWorld's clean rendering, and
     an adapter trained on clean ones reads its own drawings less well. Given the benchmark's pictures before
     each edit, the shipped stage 1 of session 38 kept 92.3% of the untouched objects; given its own drawings,
-    75.0% (``benchmarks/M2CHAT_RECIPE.md``, "The picture before is the system's own"). A few sampling steps
-    without guidance draw pictures much like the system's for a tenth of the cost. Which references are
+    75.0% (``benchmarks/M2CHAT_RECIPE.md``, "The picture before is the system's own"). Four sampling steps draw
+    pictures that look much like the system's twenty (by eye; not scored) for a fifth of the cost at guidance 3,
+    a tenth without guidance (``guidance_scale=1``; ``benchmarks/RESULTS.md``, session 39). Which references are
     redrawn, and each one's starting noise, follow from ``seed``."""
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"share must be between 0 and 1, got {share!r}")
