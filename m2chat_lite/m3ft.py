@@ -78,7 +78,7 @@ from .fusion import (FusedLM, cached_batches, collate, encode_with_pictures, fus
 from .layout import ATTRIBUTES
 from .tokenizer import image_gen_tokens
 from .training import TrainConfig, TrainResult, data_parallel, train
-from .utils import DATA_DIR
+from .utils import DATA_DIR, autocast_context, cpu_has_bf16_instructions
 from .world.samples import make_samples, scenes_of
 
 STAGES = ("stage1", "stage2")
@@ -339,7 +339,7 @@ def alignment_examples(n: int, seed: int = 0, split: str = "train", tasks: Seque
 
 def draw_references(examples: Sequence[AlignmentExample], generator, share: float, seed: int = 0,
                     num_inference_steps: int = 4, guidance_scale: float = 1.0, batch_size: int = 128,
-                    progress: bool = False) -> list[AlignmentExample]:
+                    progress: bool = False, cpu_bf16: bool = False) -> list[AlignmentExample]:
     """The examples with ``share`` of the reference pictures *the assistant drew* (a story's frame before, a
     dialogue's picture before an edit; a user's upload stays as it is) redrawn by the frozen ``generator`` from
     the reference's caption, in the example and in the conversation the LM reads. The input is not changed.
@@ -350,7 +350,9 @@ def draw_references(examples: Sequence[AlignmentExample], generator, share: floa
     75.0% (``benchmarks/M2CHAT_RECIPE.md``, "The picture before is the system's own"). Four sampling steps draw
     pictures that look much like the system's twenty (by eye; not scored) for a fifth of the cost at guidance 3,
     a tenth without guidance (``guidance_scale=1``; ``benchmarks/RESULTS.md``, session 39). Which references are
-    redrawn, and each one's starting noise, follow from ``seed``."""
+    redrawn, and each one's starting noise, follow from ``seed``. ``cpu_bf16``: on a CPU with bfloat16
+    instructions (:func:`~m2chat_lite.utils.cpu_has_bf16_instructions`), draw in a bfloat16 autocast: half the
+    time, the same oracle scores (``benchmarks/M2CHAT_RECIPE.md``, "Drawing in bfloat16"); ignored elsewhere."""
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"share must be between 0 and 1, got {share!r}")
     rng = random.Random(f"drawn-references-{seed}")
@@ -365,10 +367,11 @@ def draw_references(examples: Sequence[AlignmentExample], generator, share: floa
             chosen.append((i, places[-2]))
     if not chosen:
         return out
-    pictures = generate_for_prompts(generator, [out[i].reference_caption for i, _ in chosen], seed=seed,
-                                    batch_size=batch_size, num_inference_steps=num_inference_steps,
-                                    guidance_scale=guidance_scale,
-                                    progress="stage 1: drawing the references" if progress else None)
+    with autocast_context(generator.device, cpu_bf16 and cpu_has_bf16_instructions()):
+        pictures = generate_for_prompts(generator, [out[i].reference_caption for i, _ in chosen], seed=seed,
+                                        batch_size=batch_size, num_inference_steps=num_inference_steps,
+                                        guidance_scale=guidance_scale,
+                                        progress="stage 1: drawing the references" if progress else None)
     for (i, (t, j)), picture in zip(chosen, pictures):
         example = out[i]
         turns = list(example.sample.turns)
@@ -622,7 +625,8 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
                  examples: Sequence[AlignmentExample] | None = None, diffusion_rows: int | None = None,
                  cached_steps: int = 0, lambda_layout: float = 1.0, words_from_step: int = 0,
                  lambda_reference: float = 0.0, words_lr_ratio: float | None = None, drawn_references: float = 0.0,
-                 generator=None, drawing_steps: int = 4, drawing_guidance: float = 1.0) -> TrainResult:
+                 generator=None, drawing_steps: int = 4, drawing_guidance: float = 1.0,
+                 drawing_cpu_bf16: bool = False) -> TrainResult:
     """Stage 1 with the shared loop: adapter and ``[IMG]`` embeddings learn, all else is frozen. The data
     is ``pool_size`` ShapeWorld examples, or ``examples`` (real data: ``examples_of`` each sample);
     ``diffusion_rows`` and the λs as in :func:`stage1_loss`.
@@ -642,8 +646,9 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
     the words kept fewer untouched objects: "The warm start joins the recipe").
 
     ``drawn_references`` (a share, 0 to 1): that share of the references the assistant drew are redrawn by the
-    frozen ``generator`` (the tiny generator's pipeline) with ``drawing_steps`` sampling steps and
-    ``drawing_guidance`` (:func:`draw_references`), so the adapter learns to read pictures like its own."""
+    frozen ``generator`` (the tiny generator's pipeline) with ``drawing_steps`` sampling steps,
+    ``drawing_guidance`` and ``drawing_cpu_bf16`` (:func:`draw_references`), so the adapter learns to read
+    pictures like its own."""
     if cached_steps < 0 or words_from_step < 0:
         raise ValueError(f"cached_steps and words_from_step must be 0 or more; got {cached_steps}, {words_from_step}")
     if words_lr_ratio is not None and words_from_step:
@@ -658,7 +663,7 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
     if drawn_references:
         examples = draw_references(examples, generator, drawn_references, seed=train_config.seed,
                                    num_inference_steps=drawing_steps, guidance_scale=drawing_guidance,
-                                   progress=progress)
+                                   progress=progress, cpu_bf16=drawing_cpu_bf16)
     full_batch = _alignment_batches(model, tokenizer, examples, batch_size, train_config.seed, pool_size)
     make_batch = full_batch
     if cached_steps:
