@@ -134,7 +134,7 @@ def cpu_has_bf16() -> bool:
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-def cpu_has_bf16_instructions() -> bool:
+def cpu_has_bf16_instructions(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
     """True when this CPU has bfloat16 instructions of any kind: AMX tiles (:func:`cpu_has_bf16`) or the vector
     ones, AVX512-BF16 (AMD Zen 4 and newer, Intel Cooper Lake), read from ``/proc/cpuinfo`` (False where there is
     none, as on macOS). There a bfloat16 autocast halves the tiny generator's sampling time with the same oracle
@@ -143,7 +143,7 @@ def cpu_has_bf16_instructions() -> bool:
     if cpu_has_bf16():
         return True
     try:
-        flags = Path("/proc/cpuinfo").read_text(errors="ignore")
+        flags = Path(cpuinfo).read_text(errors="ignore")
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags

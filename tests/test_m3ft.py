@@ -114,6 +114,27 @@ def test_drawn_references_replace_only_the_assistants_pictures_in_the_example_an
                           drawn_references=0.5)
 
 
+def test_references_are_drawn_in_bfloat16_only_when_asked_and_the_cpu_has_the_instructions(monkeypatch):
+    import types
+
+    import PIL.Image
+
+    examples = m3ft.alignment_examples(30, seed=1)
+    generator = types.SimpleNamespace(device=torch.device("cpu"))  # generate_for_prompts is replaced below
+    seen = []
+
+    def drawing(_generator, prompts, **_kwargs):  # records the autocast the pictures would be drawn under
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return [PIL.Image.new("RGB", (32, 32)) for _ in prompts]
+
+    monkeypatch.setattr(m3ft, "generate_for_prompts", drawing)
+    for asked, has_instructions in ((True, True), (True, False), (False, True)):
+        monkeypatch.setattr(m3ft, "cpu_has_bf16_instructions", lambda: has_instructions)
+        m3ft.draw_references(examples, generator, 1.0, cpu_bf16=asked)
+    assert seen == [True, False, False]
+    assert not torch.is_autocast_enabled("cpu")  # and the autocast ends with the drawing
+
+
 def test_the_batch_stops_right_after_the_img_span_and_conditions_on_it(tok):
     model = system(tok)
     examples = m3ft.alignment_examples(6, seed=1)

@@ -149,3 +149,16 @@ def test_cpu_bf16_trains_in_bfloat16_only_where_the_cpu_has_bfloat16_units(monke
     assert all(p.dtype == torch.float32 for p in fast)
     assert abs(fast[0].item() - 3) < 0.15 and abs(fast[1].item() + 1) < 0.15
     assert not all(torch.equal(a, b) for a, b in zip(plain, fast))
+
+
+def test_cpu_has_bf16_instructions_reads_the_cpus_flags(tmp_path, monkeypatch):
+    import m2chat_lite.utils as utils
+
+    monkeypatch.setattr(utils, "cpu_has_bf16", lambda: False)  # no AMX tiles: the flags decide
+    zen4, older = tmp_path / "zen4", tmp_path / "older"
+    zen4.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
+    older.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert utils.cpu_has_bf16_instructions(zen4) and not utils.cpu_has_bf16_instructions(older)
+    assert not utils.cpu_has_bf16_instructions(tmp_path / "missing")  # no /proc (macOS): say no, do not fail
+    monkeypatch.setattr(utils, "cpu_has_bf16", lambda: True)  # AMX tiles are bfloat16 instructions too
+    assert utils.cpu_has_bf16_instructions(older)
