@@ -352,7 +352,8 @@ def draw_references(examples: Sequence[AlignmentExample], generator, share: floa
     a tenth without guidance (``guidance_scale=1``; ``benchmarks/RESULTS.md``, session 39). Which references are
     redrawn, and each one's starting noise, follow from ``seed``. ``cpu_bf16``: on a CPU with bfloat16
     instructions (:func:`~m2chat_lite.utils.cpu_has_bf16_instructions`), draw in a bfloat16 autocast: half the
-    time, the same oracle scores (``benchmarks/M2CHAT_RECIPE.md``, "Drawing in bfloat16"); ignored elsewhere."""
+    time, the same oracle scores (``benchmarks/M2CHAT_RECIPE.md``, "Drawn references join the recipe"); ignored
+    elsewhere."""
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"share must be between 0 and 1, got {share!r}")
     rng = random.Random(f"drawn-references-{seed}")

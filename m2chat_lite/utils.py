@@ -138,8 +138,8 @@ def cpu_has_bf16_instructions(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> b
     """True when this CPU has bfloat16 instructions of any kind: AMX tiles (:func:`cpu_has_bf16`) or the vector
     ones, AVX512-BF16 (AMD Zen 4 and newer, Intel Cooper Lake), read from ``/proc/cpuinfo`` (False where there is
     none, as on macOS). There a bfloat16 autocast halves the tiny generator's sampling time with the same oracle
-    scores (this course's 2-core AMD EPYC: ``benchmarks/M2CHAT_RECIPE.md``, "Drawing in bfloat16"); training
-    stays in float32 unless :func:`cpu_has_bf16`, where it was measured faster."""
+    scores (this course's 2-core AMD EPYC: ``benchmarks/M2CHAT_RECIPE.md``, "Drawn references join the recipe");
+    training stays in float32 unless :func:`cpu_has_bf16`, where it was measured faster."""
     if cpu_has_bf16():
         return True
     try:
