@@ -101,7 +101,7 @@ RECIPE = {
                "lambda_reference": 1.0,
                "diffusion_rows": 4, "cached_steps": 1300, "visual_reads_words": True, "words_from_step": 900,
                "words_lr_ratio": 0.25, "drawn_references": 1.0, "drawing_steps": 4, "drawing_guidance": 3.0,
-               "drawing_cpu_bf16": True},
+               "drawing_cpu_bf16": True, "caching_cpu_bf16": True},
     # `mix`: the shares of stories, dialogues and visual questions in stage 2's pool (m3ft.stage2_samples).
     # `per_conversation`: the LM loss weighs each conversation once, not each token (m3ft.stage2_loss). Weighed by
     # token, the visual questions, 30% of the conversations, were 2.8% of the loss, and stage 2 lost about 12 points
@@ -145,7 +145,8 @@ def stage1_recipe_kwargs(steps: int | None, minutes: float | None) -> dict:
             "cached_steps": stage1_cached_steps(steps, minutes),
             "words_from_step": stage1_words_from_step(steps, minutes), "words_lr_ratio": r["words_lr_ratio"],
             "drawn_references": r["drawn_references"], "drawing_steps": r["drawing_steps"],
-            "drawing_guidance": r["drawing_guidance"], "drawing_cpu_bf16": r["drawing_cpu_bf16"]}
+            "drawing_guidance": r["drawing_guidance"], "drawing_cpu_bf16": r["drawing_cpu_bf16"],
+            "caching_cpu_bf16": r["caching_cpu_bf16"]}
 
 
 def _recipe_share(key: str, steps: int | None, minutes: float | None) -> int:
