@@ -356,6 +356,50 @@ def test_precomputed_frozen_parts_give_the_same_stage1_loss(tok, planned):
         assert same == pytest.approx(parts, abs=1e-5)
 
 
+def test_the_cache_reads_in_bfloat16_only_when_asked_and_scores_against_float32_targets(tok, monkeypatch):
+    model = system(tok)
+    examples = m3ft.alignment_examples(6, seed=5)
+    plain = m3ft.precompute_alignment(model, tok, examples, batch_size=4)
+    seen = []
+    adapter_inputs = m3ft.M2ChatModel.adapter_inputs
+
+    def spy(self, batch):  # records the autocast the adapter's inputs are computed under
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return adapter_inputs(self, batch)
+    monkeypatch.setattr(m3ft.M2ChatModel, "adapter_inputs", spy)
+    runs = {}
+    for asked, has_instructions in ((True, True), (True, False), (False, True)):
+        monkeypatch.setattr(m3ft, "cpu_has_bf16_instructions", lambda: has_instructions)
+        seen.clear()
+        runs[asked, has_instructions] = m3ft.precompute_alignment(model, tok, examples, batch_size=4, cpu_bf16=asked)
+        assert seen == [asked and has_instructions] * 2  # two batches of 4 and 2
+    assert not torch.is_autocast_enabled("cpu")
+    for key in ((True, False), (False, True)):  # not asked, or no instructions: float32, as before
+        assert all(torch.equal(a["states"], b["states"]) for a, b in zip(runs[key], plain))
+    for cached, exact in zip(runs[True, True], plain):
+        # what the adapter reads: float32 tensors, close to the float32 ones; what it is scored against: exact
+        assert cached["states"].dtype == cached["visual"].dtype == torch.float32
+        assert torch.allclose(cached["states"], exact["states"], atol=0.1)
+        assert not torch.equal(cached["states"], exact["states"])
+        for key in ("teacher_seq", "teacher_pooled", "reference_seq", "diffusion_target"):
+            assert torch.equal(cached[key], exact[key])
+
+
+def test_train_stage1_hands_caching_cpu_bf16_to_the_cache(tok, monkeypatch):
+    seen = []
+    precompute = m3ft.precompute_alignment
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("cpu_bf16"))
+        return precompute(*args, **kwargs)
+    monkeypatch.setattr(m3ft, "precompute_alignment", spy)
+    for asked in (True, False):
+        config = TrainConfig(max_steps=1, lr=1e-3, warmup_steps=1, log_every=1, seed=0)
+        m3ft.train_stage1(system(tok), tok, config, batch_size=4, pool_size=8, progress=False, cached_steps=1,
+                          caching_cpu_bf16=asked)
+    assert seen == [True, False]
+
+
 def test_cached_steps_train_the_adapter_alone_then_both_groups(tok, tmp_path, monkeypatch):
     def run(steps, cached_steps, out_dir=None):
         set_seed(0)
