@@ -96,11 +96,11 @@ RECIPE = {
     # 84.5% (at stage 1, 75.0% -> 85.7%; with 1,600 cached steps 88.1%). The drawing (about 2 minutes on 2 cores)
     # is paid for with 300 fewer cached steps (1,300, was 1,600; the words open at 900, was 1,100)
     # (M2CHAT_RECIPE.md, "The picture before is the system's own" and "Drawn references join the recipe")
-    "stage1": {"steps": 1325, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
+    "stage1": {"steps": 1315, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
                "pool_size": 12000, "gate_mode": "adaptive", "lambda_seq": 1.0, "lambda_pooled": 1.0,
                "lambda_reference": 1.0,
-               "diffusion_rows": 4, "cached_steps": 1300, "visual_reads_words": True, "words_from_step": 900,
-               "words_lr_ratio": 0.25, "drawn_references": 1.0, "drawing_steps": 4, "drawing_guidance": 3.0,
+               "diffusion_rows": 1, "cached_steps": 1300, "visual_reads_words": True, "words_from_step": 900,
+               "words_lr_ratio": 0.25, "drawn_references": 1.0, "drawing_steps": 3, "drawing_guidance": 3.0,
                "drawing_cpu_bf16": True, "caching_cpu_bf16": True},
     # `mix`: the shares of stories, dialogues and visual questions in stage 2's pool (m3ft.stage2_samples).
     # `per_conversation`: the LM loss weighs each conversation once, not each token (m3ft.stage2_loss). Weighed by
@@ -108,8 +108,8 @@ RECIPE = {
     # of prompt fusion's answers; weighed once each, on the same stage 1 they answered 82.7% against 71.7% (another
     # seed: 81.0% against 72.7%), the pictures and edits as before, the stories' words a little less sure (perplexity
     # 1.58-1.61 against 1.52-1.54) (benchmarks/M2CHAT_RECIPE.md, "Each conversation weighs once")
-    "stage2": {"steps": 300, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
-               "pool_size": 6000, "alignment_weight": 1.0, "alignment_batch_size": 16, "diffusion_rows": 0,
+    "stage2": {"steps": 280, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
+               "pool_size": 6000, "alignment_weight": 1.0, "alignment_batch_size": 8, "diffusion_rows": 0,
                "mix": {"story": 0.35, "dialogue": 0.35, "vqa": 0.3}, "per_conversation": True},
 }
 
