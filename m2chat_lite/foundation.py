@@ -71,9 +71,16 @@ RECIPE = {
                "tokens_per_image": 9, "lora_rank": 16, "pool_last": True, "pool_size": 20_000},
     # M³FT. `diffusion_rows`: how many rows of each batch the diffusion term sees (None: all; 0: none).
     # `cached_steps`: stage 1's first steps train the adapter alone on the frozen parts' outputs, computed once
-    # (m3ft.train_stage1); the last 25 train the [IMG] embeddings too (benchmarks/M2CHAT_RECIPE.md, "Fitting 15
+    # (m3ft.train_stage1); the last 15 train the [IMG] embeddings too (benchmarks/M2CHAT_RECIPE.md, "Fitting 15
     # minutes"; 50 before "A GPU search": the adapter trained on the GPU with 25 drew the same test captions, and
-    # a plain step costs about seven cached ones). `--steps N` keeps the same share cached; `--minutes` runs plain
+    # a plain step costs about seven cached ones; 25 before "A faster M³FT"). `caching_cpu_bf16`: the cache of
+    # what the adapter reads is computed in a bfloat16 autocast where the CPU has bfloat16 instructions (m3ft.
+    # precompute_alignment; a quarter to a third less time, the teacher's targets stay float32). `diffusion_rows`
+    # 1 (was 4): the diffusion term's pass through the UNet costs about 30 ms a step whatever the rows, 10 ms per
+    # row; on one row its expectation is the same, and a cached step takes 12% less time. `drawing_steps` 3 (was 4).
+    # Stage 2: `alignment_batch_size` 8 (was 16), 280 steps (was 300). Together both stages went from 1,053 s to
+    # 867 s on the same AMD EPYC, and three runs of the recipe (two seeds) scored within the scatter of the runs
+    # before (M2CHAT_RECIPE.md, "A faster M³FT"). `--steps N` keeps the same share cached; `--minutes` runs plain
     # steps only. `visual_reads_words` / `words_from_step` / `words_lr_ratio`: the warm start. The adapter's visual
     # branch reads the LM's span too (AdapterConfig.visual_reads_words), hidden until `words_from_step`, where the
     # plain adapter has converged; there the learning rate starts again at a quarter of its peak (a warm restart,
