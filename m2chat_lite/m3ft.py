@@ -443,8 +443,8 @@ def precompute_alignment(model: M2ChatModel, tokenizer, examples: Sequence[Align
 
     ``cpu_bf16``: on a CPU with bfloat16 instructions (:func:`~m2chat_lite.utils.cpu_has_bf16_instructions`),
     what the adapter reads (the LM's states, the reference's patch features) is computed in a bfloat16 autocast,
-    about 40% less time for the whole cache; what it is scored against (the teacher's embeddings, the layout
-    targets) stays float32 (``benchmarks/M2CHAT_RECIPE.md``, "A faster stage 1"). Ignored elsewhere."""
+    a quarter to a third less time for the whole cache; what it is scored against (the teacher's embeddings, the
+    layout targets) stays float32 (``benchmarks/M2CHAT_RECIPE.md``, "A faster M³FT"). Ignored elsewhere."""
     out: list[dict | None] = [None] * len(examples)
     reads_bf16 = cpu_bf16 and cpu_has_bf16_instructions()
     planner = layout_of(model.unet)
