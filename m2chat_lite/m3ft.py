@@ -24,7 +24,8 @@ Two things make stage 1 fit a CPU budget (``benchmarks/M2CHAT_RECIPE.md``, "Fitt
 - ``cached_steps``: the LM is frozen, so while the ``[IMG]`` embeddings wait, everything before the adapter
   is a fixed function of the example. The first steps train the adapter alone on those outputs, computed
   once (``precompute_alignment``, in batches of about the same length, so that little of the LM's work is
-  padding); the last steps train the ``[IMG]`` embeddings too, through the LM.
+  padding, and in bfloat16 where the CPU has bfloat16 instructions: ``caching_cpu_bf16``); the last steps train
+  the ``[IMG]`` embeddings too, through the LM.
 - ``diffusion_rows``: the diffusion term sees only the first rows of each batch. It is the costly term (the
   generator's forward and backward pass) and the small one (a few hundredths against the MSE terms' tenths).
 
