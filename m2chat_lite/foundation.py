@@ -102,7 +102,8 @@ RECIPE = {
     # CPU has bfloat16 instructions (`drawing_cpu_bf16`: half the time, the same oracle scores). All of them, so
     # the adapter reads pictures like the system's own: untouched objects kept after stage 2 rose from 73.8% to
     # 84.5% (at stage 1, 75.0% -> 85.7%; with 1,600 cached steps 88.1%). The drawing (about 2 minutes on 2 cores
-    # at 4 steps; 85 s at the 3 of "A faster M³FT") is paid for with 300 fewer cached steps (1,300, was 1,600; the words open at 900, was 1,100)
+    # at 4 steps; 85 s at the 3 of "A faster M³FT") is paid for with 300 fewer cached steps (1,300, was 1,600;
+    # the words open at 900, was 1,100)
     # (M2CHAT_RECIPE.md, "The picture before is the system's own" and "Drawn references join the recipe")
     "stage1": {"steps": 1315, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
                "pool_size": 12000, "gate_mode": "adaptive", "lambda_seq": 1.0, "lambda_pooled": 1.0,
