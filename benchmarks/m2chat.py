@@ -53,6 +53,8 @@ def main() -> None:
             scores = vqa_accuracy(model, tokenizer, questions)
             print(f"{split:<8} {scores['accuracy']:.1%} of {scores['n']}   " +
                   "  ".join(f"{k} {v:.0%}" for k, v in scores["per_kind"].items()))
+            print(" " * 9 + "by objects in the picture: " +
+                  "  ".join(f"{n}: {v:.0%}" for n, v in scores["per_objects"].items()))
         with gate_closed(model):
             closed = vqa_accuracy(model, tokenizer, load_benchmark("vqa", split="test"))
         print(f"gate closed (the LM alone, LoRA kept): {closed['accuracy']:.1%}   tanh(gate) as trained: "
@@ -82,6 +84,8 @@ def main() -> None:
         print("\n== M³FT stage 2: test split ==")
         print(f"visual questions: {metrics['vqa']['accuracy']:.1%} exact of {metrics['vqa']['n']}   " +
               "  ".join(f"{k} {v:.0%}" for k, v in metrics["vqa"]["per_kind"].items()))
+        print("  by objects in the picture: " +
+              "  ".join(f"{n}: {v:.0%}" for n, v in metrics["vqa"]["per_objects"].items()))
         for task in ("story", "dialogue"):
             r = metrics[task]
             print(f"{task:<9} teacher-forced: loss {r['loss']:.3f}, token accuracy {r['token_accuracy']:.1%}, "

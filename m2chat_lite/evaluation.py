@@ -15,7 +15,7 @@ returns ``{metric: value}`` with the sample count and seed, using ``metrics.py``
   split by the kind of edit and by the number of objects in the scene;
 - ``chat``: the same dialogues, each picture turn answered by the system in its own words (free-running, greedy):
   the first picture and the edits scored as in ``dialog``, and how often the reply's words are the benchmark's;
-- ``vqa``: exact answers to the visual questions, per kind.
+- ``vqa``: exact answers to the visual questions, per kind and by how many objects the picture holds.
 """
 
 from __future__ import annotations
@@ -243,7 +243,8 @@ def eval_vqa(pipe, samples: Sequence[Sample]) -> dict:
 
     result = vqa_accuracy(pipe.model.fused, pipe.tokenizer, list(samples))
     return {"exact": metrics.exact_match(result["replies"], [s.meta["answer"] for s in samples]),
-            **{f"exact_{kind}": value for kind, value in result["per_kind"].items()}}
+            **{f"exact_{kind}": value for kind, value in result["per_kind"].items()},
+            "exact_by_objects": {str(n): value for n, value in result.get("per_objects", {}).items()}}
 
 
 BENCHMARK_TASK = {"t2i": "caption", "story": "story", "dialog": "dialogue", "chat": "dialogue", "vqa": "vqa"}

@@ -487,13 +487,27 @@ def _prompt_of(sample: Sample) -> Sample:
 
 
 def vqa_accuracy(model: FusedLM, tokenizer, samples: Sequence[Sample], image_size: int = 32) -> dict:
-    """Exact-answer accuracy on visual questions, overall and per question kind, with the replies."""
+    """Exact-answer accuracy on visual questions, overall and per question kind, with the replies.
+
+    For ShapeWorld questions (whose ``meta`` holds the scene) also by the number of objects in the picture,
+    overall (``per_objects``) and kind by kind (``per_kind_objects``): with one object a question needs no
+    lookup, with three the model must find the object the question names (notebook 05)."""
     replies = greedy_replies(model, tokenizer, samples, image_size=image_size)
     right = [r == s.meta["answer"] for r, s in zip(replies, samples)]
-    kinds = sorted({s.meta["kind"] for s in samples})
-    per_kind = {k: sum(ok for ok, s in zip(right, samples) if s.meta["kind"] == k) /
-                max(1, sum(s.meta["kind"] == k for s in samples)) for k in kinds}
-    return {"accuracy": sum(right) / len(samples), "n": len(samples), "per_kind": per_kind, "replies": replies}
+    kinds = [s.meta["kind"] for s in samples]
+    scores = {"accuracy": sum(right) / len(samples), "n": len(samples), "per_kind": _shares(right, kinds)}
+    if all("objects" in s.meta.get("scene", {}) for s in samples):
+        objects = [len(s.meta["scene"]["objects"]) for s in samples]
+        scores["per_objects"] = _shares(right, objects)
+        scores["per_kind_objects"] = {kind: _shares([ok for ok, k in zip(right, kinds) if k == kind],
+                                                    [n for n, k in zip(objects, kinds) if k == kind])
+                                      for kind in sorted(set(kinds))}
+    return {**scores, "replies": replies}
+
+
+def _shares(right: Sequence[bool], groups: Sequence) -> dict:
+    """The share of ``right`` answers in each group (``groups[i]`` is answer ``i``'s), groups in order."""
+    return {g: sum(ok for ok, h in zip(right, groups) if h == g) / list(groups).count(g) for g in sorted(set(groups))}
 
 
 # ---------------------------------------------------------------------------------------------

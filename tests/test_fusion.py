@@ -8,6 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from m2chat_lite import backbone, fusion
 from m2chat_lite.config import get_config
+from m2chat_lite.data import Sample
 from m2chat_lite.encoders import build_clip
 from m2chat_lite.tokenizer import IGNORE_INDEX, IMAGE_TOKEN
 from m2chat_lite.training import TrainConfig
@@ -195,6 +196,30 @@ def test_greedy_replies_answer_in_words_and_match_one_at_a_time(tok, clip):
     assert batched == single and all(isinstance(r, str) and IMAGE_TOKEN not in r for r in batched)
     scores = fusion.vqa_accuracy(model, tok, samples)
     assert 0.0 <= scores["accuracy"] <= 1.0 and scores["n"] == 5 and len(scores["replies"]) == 5
+
+
+def test_vqa_accuracy_splits_the_answers_by_kind_and_by_objects_in_the_picture(monkeypatch):
+    samples = make_samples("vqa", 60, seed=5)
+    replies = [s.meta["answer"] if i % 3 else "no idea" for i, s in enumerate(samples)]  # every third wrong
+    monkeypatch.setattr(fusion, "greedy_replies", lambda *args, **kwargs: replies)
+    scores = fusion.vqa_accuracy(None, None, samples)
+    right = [i % 3 != 0 for i in range(len(samples))]
+    objects = [len(s.meta["scene"]["objects"]) for s in samples]
+    assert scores["accuracy"] == pytest.approx(sum(right) / 60) and scores["replies"] == replies
+    assert set(scores["per_objects"]) == set(objects) and set(objects) <= {1, 2, 3}
+    for n, share in scores["per_objects"].items():
+        picked = [ok for ok, m in zip(right, objects) if m == n]
+        assert share == pytest.approx(sum(picked) / len(picked))
+    for kind, by_objects in scores["per_kind_objects"].items():
+        picked = [(ok, m) for ok, m, s in zip(right, objects, samples) if s.meta["kind"] == kind]
+        assert set(by_objects) == {m for _, m in picked}
+        weighted = sum(share * sum(m == n for _, m in picked) for n, share in by_objects.items())
+        assert weighted / len(picked) == pytest.approx(scores["per_kind"][kind])
+    # questions without a ShapeWorld scene (real data): by kind only
+    plain = [Sample(s.id, s.task, s.turns, {"answer": s.meta["answer"], "kind": s.meta["kind"]})
+             for s in samples]
+    scores = fusion.vqa_accuracy(None, None, plain)
+    assert "per_objects" not in scores and scores["accuracy"] == pytest.approx(sum(right) / 60)
 
 
 @pytest.mark.parametrize("pool_last", [False, True])

@@ -319,6 +319,7 @@ def test_eval_runs_every_suite_on_a_few_samples(system_dir, tmp_path, capsys):
     assert by_kind and set(by_kind) <= {"move", "recolor", "resize", "add"}
     assert set(results["dialog"]["edit_success_by_objects"]) <= {"1", "2", "3"}
     assert 0 <= results["vqa"]["exact"] <= 1 and results["meta"]["seed"] == 0
+    assert results["vqa"]["exact_by_objects"] and set(results["vqa"]["exact_by_objects"]) <= {"1", "2", "3"}
     assert results["chat"]["first_pictures"] + results["chat"]["edits"] >= 2  # each picture turn answered freely
     assert 0 <= results["chat"]["reply_words_exact"] <= 1
     assert results["meta"]["model"] == str(system_dir) and results["meta"]["threads"] >= 1
