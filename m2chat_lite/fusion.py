@@ -48,7 +48,7 @@ from .data import Sample, image_to_tensor, load_image
 from .tokenizer import END_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, encode_chat, image_gen_tokens, num_image_tokens
 from .training import TrainConfig, TrainResult, train
 from .utils import DATA_DIR
-from .world.samples import make_samples
+from .world.samples import make_samples, scenes_of
 
 LORA_TARGETS = "all-linear"  # peft: every linear layer of the LM except its output head
 # Which hidden states of the vision encoder the projector reads, concatenated: 0 is the patch embeddings
@@ -496,8 +496,8 @@ def vqa_accuracy(model: FusedLM, tokenizer, samples: Sequence[Sample], image_siz
     right = [r == s.meta["answer"] for r, s in zip(replies, samples)]
     kinds = [s.meta["kind"] for s in samples]
     scores = {"accuracy": sum(right) / len(samples), "n": len(samples), "per_kind": _shares(right, kinds)}
-    if all("objects" in s.meta.get("scene", {}) for s in samples):
-        objects = [len(s.meta["scene"]["objects"]) for s in samples]
+    if all("scene" in s.meta for s in samples):
+        objects = [len(scenes_of(s)[0]) for s in samples]
         scores["per_objects"] = _shares(right, objects)
         scores["per_kind_objects"] = {kind: _shares([ok for ok, k in zip(right, kinds) if k == kind],
                                                     [n for n, k in zip(objects, kinds) if k == kind])
