@@ -422,21 +422,52 @@ def vqa_batches(tokenizer, tokens_per_image: int, batch_size: int, image_size: i
     return sample_batches(tokenizer, samples, tokens_per_image, batch_size, image_size, seed)
 
 
+def rehearsal_batches(tokenizer, rows: int, seq_len: int, n_per_task: int = 2000, seed: int = 0):
+    """``make_batch(step)`` of the LM's own pretraining conversations (``backbone.lm_pool`` and ``lm_batches``:
+    the same tasks, samples and seed), ``rows`` packed rows of ``seq_len`` tokens, for :func:`train_fusion` to
+    rehearse. Each picture in them is the one ``<image>`` placeholder the LM was pretrained on."""
+    from .backbone import lm_batches, lm_pool
+
+    pool = lm_pool(tokenizer, n_per_task, seed=seed, max_length=seq_len)
+    return lm_batches(pool, rows, seq_len, tokenizer.pad_token_id, seed=seed)
+
+
+def rehearsal_loss(model: FusedLM, batch: dict) -> torch.Tensor:
+    """The LM's pretraining loss on a packed batch from :func:`rehearsal_batches`, through the LM with its LoRA
+    (``backbone.lm_loss``). No picture is read: the ``[IMGk]`` rows are the LM's own, which prompt fusion does
+    not train."""
+    from .backbone import lm_loss
+
+    return lm_loss(model.lm, batch, model.device)
+
+
 def train_fusion(model: FusedLM, tokenizer, train_config: TrainConfig, batch_size: int = 32,
                  image_size: int = 32, out_dir=None, device: str = "cpu", progress: bool = True,
-                 groups: Sequence[str] = ("projector", "gate", "lora"), pool_size: int | None = 20_000
-                 ) -> TrainResult:
+                 groups: Sequence[str] = ("projector", "gate", "lora"), pool_size: int | None = 20_000,
+                 rehearsal_rows: int = 0, rehearsal_pool: int = 2000) -> TrainResult:
     """Teach ``model`` to answer ShapeWorld visual questions: train ``groups`` (the rest frozen) on the
     assistant's answers with the shared loop (``training.train``). The history records ``tanh(gate)``.
     ``pool_size``: how many training questions to draw the batches from (``None``: new ones every step;
-    see :func:`vqa_batches`)."""
+    see :func:`vqa_batches`).
+
+    ``rehearsal_rows``: with more than 0, every step also rehearses the LM's pretraining (LLaVA mixes text-only
+    conversations into its visual instructions for the same reason): that many packed rows of its own
+    conversations (``rehearsal_pool`` of each task, :func:`rehearsal_batches`), their loss added to the answers'.
+    Trained on two-word answers alone, the LoRA unlearns the LM's longer replies: the fused LM, asked in text
+    for a picture, restated 0% of the requests its LM restated (``benchmarks/M2CHAT_RECIPE.md``, "Fusion
+    rehearses the LM's words")."""
     set_trainable(model, groups)
     model.to(device)
-    make_batch = vqa_batches(tokenizer, model.tokens_per_image, batch_size, image_size, seed=train_config.seed,
-                             pool_size=pool_size)
-    return train(model, lambda batch: fusion_loss(model, batch), make_batch, train_config, out_dir=out_dir,
-                 device=device, progress=progress, description="prompt fusion",
-                 log_extra=lambda: {"gate": model.gate_value()})
+    answers = vqa_batches(tokenizer, model.tokens_per_image, batch_size, image_size, seed=train_config.seed,
+                          pool_size=pool_size)
+    loss_fn, make_batch = (lambda batch: fusion_loss(model, batch)), answers
+    if rehearsal_rows:
+        seq_len = model.lm.config.max_position_embeddings
+        words = rehearsal_batches(tokenizer, rehearsal_rows, seq_len, rehearsal_pool, seed=train_config.seed)
+        make_batch = lambda step: {"answers": answers(step), "words": words(step)}  # noqa: E731
+        loss_fn = lambda batch: fusion_loss(model, batch["answers"]) + rehearsal_loss(model, batch["words"])  # noqa: E731
+    return train(model, loss_fn, make_batch, train_config, out_dir=out_dir, device=device, progress=progress,
+                 description="prompt fusion", log_extra=lambda: {"gate": model.gate_value()})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -156,6 +156,21 @@ def test_training_opens_the_gate_lowers_the_loss_and_leaves_frozen_weights_alone
         assert torch.equal(dict(model.named_parameters())[name], before), name
 
 
+def test_rehearsal_keeps_the_lms_own_words_and_leaves_frozen_weights_alone(tok, clip):
+    words = fusion.rehearsal_batches(tok, rows=4, seq_len=CONFIG.max_seq_len, n_per_task=50, seed=99)(0)
+    assert words["input_ids"].shape == (4, CONFIG.max_seq_len) and (words["labels"] != IGNORE_INDEX).any()
+    losses = {}
+    for rows in (0, 2):
+        model = fusion.build_fused_lm(fresh_lm(tok), clip, tok, tokens_per_image=4, lora_rank=4)
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+        fusion.train_fusion(model, tok, TrainConfig(max_steps=20, lr=1e-2, warmup_steps=2, log_every=5),
+                            batch_size=8, progress=False, rehearsal_rows=rows, rehearsal_pool=50)
+        assert all(torch.equal(dict(model.named_parameters())[n], p) for n, p in frozen.items())
+        with torch.no_grad():
+            losses[rows] = float(fusion.rehearsal_loss(model, words))
+    assert losses[2] < losses[0]  # rehearsing, the LoRA learns the LM's conversations, not only the answers
+
+
 def test_fresh_question_batches_are_new_every_step_and_the_same_for_the_same_step(tok):
     make_batch = fusion.vqa_batches(tok, tokens_per_image=4, batch_size=6, pool_size=None, seed=3)
     first, again, second = make_batch(0), make_batch(0), make_batch(1)
