@@ -31,9 +31,10 @@ from m2chat_lite.utils import atomic_write_json
 
 # The reference recipe: the CLI's (`m2chat-lite train --stage lm`, foundation.RECIPE["lm"]), on 256-token rows.
 # Two torch threads are ~1.7x faster on an idle machine, but many times slower when another job competes for the
-# cores: pass --threads 1 then. The recipe before (8 rows at lr 4e-3, float32) came within 2% of the grammar's
-# caption entropy, yet restated 11% of the benchmark's requests; `--rows 8 --lr 4e-3 --no-bf16` trains it again
-# ("In its own words" and "An LM that restates" in benchmarks/M2CHAT_RECIPE.md).
+# cores: pass --threads 1 then. A recipe of 8 rows (lr 4e-3, float32) came within 2% of the grammar's caption
+# entropy, yet restated 11% of the benchmark's requests; `--rows 8` trains it again. Sessions 38-43 shipped
+# `--lr 1.6e-2 --bf16` ("In its own words", "An LM that restates" and "The LM's recipe, separated" in
+# benchmarks/M2CHAT_RECIPE.md).
 RECIPE = {**{k: FOUNDATION_RECIPE["lm"][k] for k in ("steps", "lr", "rows", "n_per_task")},
           "warmup": FOUNDATION_RECIPE["lm"]["warmup_steps"], "bf16": FOUNDATION_RECIPE["lm"].get("cpu_bf16", False),
           "seq_len": 256, "seed": 0}
@@ -56,7 +57,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--n-per-task", type=int, default=RECIPE["n_per_task"], help="training conversations per task")
     parser.add_argument("--seed", type=int, default=RECIPE["seed"])
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=RECIPE["bf16"],
-                        help="a bfloat16 autocast on CPUs with bfloat16 matrix units (the recipe's; ignored elsewhere)")
+                        help="a bfloat16 autocast on CPUs with bfloat16 matrix units (ignored elsewhere; the recipe trains in float32)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True, help="folder for the checkpoint and metrics.json")
