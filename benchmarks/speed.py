@@ -81,7 +81,7 @@ def tiny_rows(device: str, steps: int) -> list[tuple[str, str]]:
             "stage2", RECIPE["fusion"]["batch_size"],
             lambda n: (fusion.vqa_batches(tokenizer, model.fused.tokens_per_image, n, pool_size=4 * n)(0),
                        fusion.rehearsal_batches(tokenizer, RECIPE["fusion"]["rehearsal_rows"],
-                                                model.fused.lm.config.max_position_embeddings, n_per_task=50)(0)),
+                                                pipe.max_length, n_per_task=50)(0)),
             lambda b: fusion.fusion_loss(model.fused, b[0]) + fusion.rehearsal_loss(model.fused, b[1])),
         "M³FT stage 1": ("stage1", RECIPE["stage1"]["batch_size"],
                          lambda n: m3ft.alignment_batch(model, tokenizer, m3ft.alignment_examples(n)),

@@ -329,7 +329,8 @@ def _train_fusion_stage(run: StageRun):
                            seed=run.seed, pool_last=r.get("pool_last", False))
     result = train_fusion(model, tokenizer, run.train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
                           out_dir=run.state_dir, device=run.device, progress=run.progress,
-                          rehearsal_rows=r["rehearsal_rows"], rehearsal_pool=RECIPE["lm"]["n_per_task"])
+                          rehearsal_rows=r["rehearsal_rows"], rehearsal_pool=RECIPE["lm"]["n_per_task"],
+                          rehearsal_seq_len=run.config.max_seq_len)
 
     def finish() -> dict:
         metrics = {split: {k: v for k, v in vqa_accuracy(model, tokenizer, load_benchmark("vqa", split=split)).items()

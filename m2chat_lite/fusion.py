@@ -444,28 +444,34 @@ def rehearsal_loss(model: FusedLM, batch: dict) -> torch.Tensor:
 def train_fusion(model: FusedLM, tokenizer, train_config: TrainConfig, batch_size: int = 32,
                  image_size: int = 32, out_dir=None, device: str = "cpu", progress: bool = True,
                  groups: Sequence[str] = ("projector", "gate", "lora"), pool_size: int | None = 20_000,
-                 rehearsal_rows: int = 0, rehearsal_pool: int = 2000) -> TrainResult:
+                 rehearsal_rows: int = 0, rehearsal_pool: int = 2000, rehearsal_seq_len: int = 256) -> TrainResult:
     """Teach ``model`` to answer ShapeWorld visual questions: train ``groups`` (the rest frozen) on the
     assistant's answers with the shared loop (``training.train``). The history records ``tanh(gate)``.
     ``pool_size``: how many training questions to draw the batches from (``None``: new ones every step;
     see :func:`vqa_batches`).
 
     ``rehearsal_rows``: with more than 0, every step also rehearses the LM's pretraining (LLaVA mixes text-only
-    conversations into its visual instructions for the same reason): that many packed rows of its own
-    conversations (``rehearsal_pool`` of each task, :func:`rehearsal_batches`), their loss added to the answers'.
-    Trained on two-word answers alone, the LoRA unlearns the LM's longer replies: the fused LM, asked in text
-    for a picture, restated 0% of the requests its LM restated (``benchmarks/M2CHAT_RECIPE.md``, "Fusion
-    rehearses the LM's words")."""
+    conversations into its visual instructions for the same reason): that many packed rows of
+    ``rehearsal_seq_len`` tokens of its own conversations (``rehearsal_pool`` of each task,
+    :func:`rehearsal_batches`), their loss added to the answers'. Trained on two-word answers alone, the LoRA
+    unlearns the LM's longer replies: the fused LM, asked in text for a picture, restated 0% of the requests its
+    LM restated (``benchmarks/M2CHAT_RECIPE.md``, "Fusion rehearses the LM's words")."""
+    if not isinstance(rehearsal_rows, int) or rehearsal_rows < 0:
+        raise ValueError(f"rehearsal_rows must be an int >= 0 (0: no rehearsal), got {rehearsal_rows!r}")
     set_trainable(model, groups)
     model.to(device)
     answers = vqa_batches(tokenizer, model.tokens_per_image, batch_size, image_size, seed=train_config.seed,
                           pool_size=pool_size)
-    loss_fn, make_batch = (lambda batch: fusion_loss(model, batch)), answers
-    if rehearsal_rows:
-        seq_len = model.lm.config.max_position_embeddings
-        words = rehearsal_batches(tokenizer, rehearsal_rows, seq_len, rehearsal_pool, seed=train_config.seed)
-        make_batch = lambda step: {"answers": answers(step), "words": words(step)}  # noqa: E731
-        loss_fn = lambda batch: fusion_loss(model, batch["answers"]) + rehearsal_loss(model, batch["words"])  # noqa: E731
+    words = (rehearsal_batches(tokenizer, rehearsal_rows, rehearsal_seq_len, rehearsal_pool, seed=train_config.seed)
+             if rehearsal_rows else None)
+
+    def make_batch(step: int) -> dict:
+        return {"answers": answers(step), "words": words(step) if words else None}
+
+    def loss_fn(batch: dict) -> torch.Tensor:
+        loss = fusion_loss(model, batch["answers"])
+        return loss if batch["words"] is None else loss + rehearsal_loss(model, batch["words"])
+
     return train(model, loss_fn, make_batch, train_config, out_dir=out_dir, device=device, progress=progress,
                  description="prompt fusion", log_extra=lambda: {"gate": model.gate_value()})
 

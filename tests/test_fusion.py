@@ -164,11 +164,14 @@ def test_rehearsal_keeps_the_lms_own_words_and_leaves_frozen_weights_alone(tok, 
         model = fusion.build_fused_lm(fresh_lm(tok), clip, tok, tokens_per_image=4, lora_rank=4)
         frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
         fusion.train_fusion(model, tok, TrainConfig(max_steps=20, lr=1e-2, warmup_steps=2, log_every=5),
-                            batch_size=8, progress=False, rehearsal_rows=rows, rehearsal_pool=50)
+                            batch_size=8, progress=False, rehearsal_rows=rows, rehearsal_pool=50,
+                            rehearsal_seq_len=CONFIG.max_seq_len)
         assert all(torch.equal(dict(model.named_parameters())[n], p) for n, p in frozen.items())
         with torch.no_grad():
             losses[rows] = float(fusion.rehearsal_loss(model, words))
     assert losses[2] < losses[0]  # rehearsing, the LoRA learns the LM's conversations, not only the answers
+    with pytest.raises(ValueError, match="rehearsal_rows"):
+        fusion.train_fusion(model, tok, TrainConfig(max_steps=1), rehearsal_rows=-1, progress=False)
 
 
 def test_fresh_question_batches_are_new_every_step_and_the_same_for_the_same_step(tok):
