@@ -79,10 +79,10 @@ def tiny_rows(device: str, steps: int) -> list[tuple[str, str]]:
         # the recipe's step: the visual questions and the rows of the LM's own conversations it rehearses
         "fusion (visual questions + rehearsal)": (
             "stage2", RECIPE["fusion"]["batch_size"],
-            lambda n: (fusion.vqa_batches(tokenizer, model.fused.tokens_per_image, n, pool_size=4 * n)(0),
-                       fusion.rehearsal_batches(tokenizer, RECIPE["fusion"]["rehearsal_rows"],
-                                                pipe.max_length, n_per_task=50)(0)),
-            lambda b: fusion.fusion_loss(model.fused, b[0]) + fusion.rehearsal_loss(model.fused, b[1])),
+            lambda n: {"answers": fusion.vqa_batches(tokenizer, model.fused.tokens_per_image, n, pool_size=4 * n)(0),
+                       "words": fusion.rehearsal_batches(tokenizer, RECIPE["fusion"]["rehearsal_rows"],
+                                                         pipe.max_length, n_per_task=50)(0)},
+            lambda b: fusion.fusion_step_loss(model.fused, b)),
         "M³FT stage 1": ("stage1", RECIPE["stage1"]["batch_size"],
                          lambda n: m3ft.alignment_batch(model, tokenizer, m3ft.alignment_examples(n)),
                          lambda b: m3ft.stage1_loss(model, b, diffusion_rows=RECIPE["stage1"]["diffusion_rows"],

@@ -441,6 +441,13 @@ def rehearsal_loss(model: FusedLM, batch: dict) -> torch.Tensor:
     return lm_loss(model.lm, batch, model.device)
 
 
+def fusion_step_loss(model: FusedLM, batch: dict) -> torch.Tensor:
+    """One prompt-fusion step's loss on ``{"answers": ..., "words": ...}``: the answers' loss (:func:`fusion_loss`),
+    plus the rehearsed conversations' (:func:`rehearsal_loss`) when ``words`` is a batch, not ``None``."""
+    loss = fusion_loss(model, batch["answers"])
+    return loss if batch["words"] is None else loss + rehearsal_loss(model, batch["words"])
+
+
 def train_fusion(model: FusedLM, tokenizer, train_config: TrainConfig, batch_size: int = 32,
                  image_size: int = 32, out_dir=None, device: str = "cpu", progress: bool = True,
                  groups: Sequence[str] = ("projector", "gate", "lora"), pool_size: int | None = 20_000,
@@ -466,14 +473,11 @@ def train_fusion(model: FusedLM, tokenizer, train_config: TrainConfig, batch_siz
              if rehearsal_rows else None)
 
     def make_batch(step: int) -> dict:
-        return {"answers": answers(step), "words": words(step) if words else None}
+        return {"answers": answers(step), "words": None if words is None else words(step)}
 
-    def loss_fn(batch: dict) -> torch.Tensor:
-        loss = fusion_loss(model, batch["answers"])
-        return loss if batch["words"] is None else loss + rehearsal_loss(model, batch["words"])
-
-    return train(model, loss_fn, make_batch, train_config, out_dir=out_dir, device=device, progress=progress,
-                 description="prompt fusion", log_extra=lambda: {"gate": model.gate_value()})
+    return train(model, lambda batch: fusion_step_loss(model, batch), make_batch, train_config, out_dir=out_dir,
+                 device=device, progress=progress, description="prompt fusion",
+                 log_extra=lambda: {"gate": model.gate_value()})
 
 
 # ---------------------------------------------------------------------------------------------
