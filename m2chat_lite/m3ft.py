@@ -322,13 +322,21 @@ def examples_of(sample: Sample, rng: random.Random | None = None) -> list[Alignm
     return found
 
 
-def alignment_examples(n: int, seed: int = 0, split: str = "train", tasks: Sequence[str] = ("caption", "story", "dialogue"),
+ALIGNMENT_TASKS = ("caption", "story", "dialogue")
+
+
+def alignment_examples(n: int, seed: int = 0, split: str = "train",
+                       tasks: Sequence[str] | dict[str, float] | None = None,
                        image_size: int = 32) -> list[AlignmentExample]:
-    """``n`` examples, evenly from ``tasks`` (one drawn picture per conversation), deterministic from ``seed``."""
+    """``n`` examples (one drawn picture per conversation), deterministic from ``seed``: evenly from a sequence
+    of ``tasks`` (default: ``ALIGNMENT_TASKS``), or with ``tasks`` a ``{task: share}`` dict (shares adding up
+    to 1), ``round(n · share)`` from each. The recipe draws half its pool from dialogues: their edits are where
+    untouched objects are lost (``benchmarks/M2CHAT_RECIPE.md``, "Half the alignment pool from dialogues")."""
+    shares = _task_shares(ALIGNMENT_TASKS if tasks is None else tasks)
     rng = random.Random(f"alignment-{seed}-{split}")
     out = []
-    per_task = -(-n // len(tasks))
-    for task in tasks:
+    for task, share in shares.items():
+        per_task = -(-n // len(shares)) if share is None else round(n * share)
         made = []
         for sample in make_samples(task, 3 * per_task, seed=seed, split=split, image_size=image_size):
             made += examples_of(sample, rng)
@@ -336,6 +344,17 @@ def alignment_examples(n: int, seed: int = 0, split: str = "train", tasks: Seque
                 break
         out += made[:per_task]
     return out[:n]
+
+
+def _task_shares(tasks: Sequence[str] | dict[str, float]) -> dict[str, float | None]:
+    """``{task: share}`` (``None``: an even share) for :func:`alignment_examples`, checked."""
+    if isinstance(tasks, str) or not tasks:
+        raise ValueError(f"tasks must be a non-empty sequence of task names or a {{task: share}} dict, got {tasks!r}")
+    if not isinstance(tasks, dict):
+        return dict.fromkeys(tasks)
+    if any(not isinstance(v, (int, float)) or v < 0 for v in tasks.values()) or abs(sum(tasks.values()) - 1) > 1e-6:
+        raise ValueError(f"task shares must be numbers of 0 or more adding up to 1, got {tasks!r}")
+    return dict(tasks)
 
 
 def draw_references(examples: Sequence[AlignmentExample], generator, share: float, seed: int = 0,
@@ -638,9 +657,11 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
                  cached_steps: int = 0, lambda_layout: float = 1.0, words_from_step: int = 0,
                  lambda_reference: float = 0.0, words_lr_ratio: float | None = None, drawn_references: float = 0.0,
                  generator=None, drawing_steps: int = 4, drawing_guidance: float = 1.0,
-                 drawing_cpu_bf16: bool = False, caching_cpu_bf16: bool = False) -> TrainResult:
+                 drawing_cpu_bf16: bool = False, caching_cpu_bf16: bool = False,
+                 tasks: Sequence[str] | dict[str, float] | None = None) -> TrainResult:
     """Stage 1 with the shared loop: adapter and ``[IMG]`` embeddings learn, all else is frozen. The data
-    is ``pool_size`` ShapeWorld examples, or ``examples`` (real data: ``examples_of`` each sample);
+    is ``pool_size`` ShapeWorld examples (from ``tasks``, as :func:`alignment_examples`; default: its own),
+    or ``examples`` (real data: ``examples_of`` each sample);
     ``diffusion_rows`` and the λs as in :func:`stage1_loss`.
 
     The first ``cached_steps`` steps train the adapter alone: the ``[IMG]`` embeddings wait, so the LM, the
@@ -672,7 +693,7 @@ def train_stage1(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
         raise ValueError("drawn_references needs the frozen generator that draws them: pass generator= (the "
                          "TinyDiffusionPipeline the system was built with), or drawn_references=0")
     examples = list(examples) if examples is not None else \
-        alignment_examples(pool_size, seed=train_config.seed, image_size=model.image_size)
+        alignment_examples(pool_size, seed=train_config.seed, image_size=model.image_size, tasks=tasks)
     if drawn_references:
         examples = draw_references(examples, generator, drawn_references, seed=train_config.seed,
                                    num_inference_steps=drawing_steps, guidance_scale=drawing_guidance,
@@ -720,13 +741,15 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
                  progress: bool = True, samples: Sequence[Sample] | None = None, alignment_weight: float = 1.0,
                  alignment_batch_size: int | None = None, examples: Sequence[AlignmentExample] | None = None,
                  lambda_seq: float = 1.0, lambda_pooled: float = 1.0, diffusion_rows: int | None = None,
-                 mix: dict[str, float] | None = None, per_conversation: bool = False) -> TrainResult:
+                 mix: dict[str, float] | None = None, per_conversation: bool = False,
+                 alignment_tasks: Sequence[str] | dict[str, float] | None = None) -> TrainResult:
     """Stage 2 with the shared loop: LoRA, projector and fusion gate learn; the adapter is frozen. The data
     is ``pool_size`` ShapeWorld stories, dialogues and questions (shares from ``mix``, as
     :func:`stage2_samples`), or ``samples`` (real data). Each step adds
     ``alignment_weight`` × stage 1's loss on ``alignment_batch_size`` alignment examples (``batch_size // 2``
     by default): ShapeWorld's, or ``examples`` (default with ``samples``: the pictures they draw), with
-    ``diffusion_rows`` as in :func:`stage1_loss`. ``per_conversation``: the LM loss weighs each conversation
+    ``diffusion_rows`` as in :func:`stage1_loss` (ShapeWorld's drawn from ``alignment_tasks``, as
+    :func:`alignment_examples`; pass stage 1's). ``per_conversation``: the LM loss weighs each conversation
     once (:func:`stage2_loss`), not each token, so a visual question's one-word answer counts as much as a story."""
     set_stage(model, "stage2", train_adapter_gate)
     model.to(device)
@@ -743,7 +766,7 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
     alignment = None
     if alignment_weight:
         alignment = _alignment_batches(model, tokenizer, examples, alignment_batch_size or max(1, batch_size // 2),
-                                       train_config.seed, pool_size)
+                                       train_config.seed, pool_size, alignment_tasks)
     last_parts: dict[str, float] = {}
 
     def make_batch(step: int) -> tuple[dict, dict | None]:
@@ -760,11 +783,11 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
 
 
 def _alignment_batches(model: M2ChatModel, tokenizer, examples: Sequence[AlignmentExample] | None, batch_size: int,
-                       seed: int, pool_size: int):
+                       seed: int, pool_size: int, tasks: Sequence[str] | dict[str, float] | None = None):
     """``make_batch(step)`` for stage 1's loss: ``batch_size`` of ``examples`` (default: ``pool_size``
-    ShapeWorld alignment examples), drawn afresh for every step from ``seed``."""
+    ShapeWorld alignment examples from ``tasks``), drawn afresh for every step from ``seed``."""
     examples = list(examples) if examples is not None else \
-        alignment_examples(pool_size, seed=seed, image_size=model.image_size)
+        alignment_examples(pool_size, seed=seed, image_size=model.image_size, tasks=tasks)
     _check_pool(examples, batch_size, "alignment examples")
     return cached_batches(len(examples), batch_size, seed, lambda i: encode_alignment(model, tokenizer, examples[i]),
                           lambda items: collate_alignment(items, tokenizer.pad_token_id))

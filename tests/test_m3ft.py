@@ -73,6 +73,21 @@ def test_alignment_examples_are_deterministic_and_mixed():
     assert {e.sample.task for e in a} == {"caption", "story", "dialogue"}
 
 
+def test_alignment_examples_take_each_task_s_share():
+    from collections import Counter
+
+    shares = {"caption": 0.25, "story": 0.25, "dialogue": 0.5}
+    examples = m3ft.alignment_examples(40, seed=3, tasks=shares)
+    assert Counter(e.sample.task for e in examples) == {"caption": 10, "story": 10, "dialogue": 20}
+    # a sequence of tasks is an even split, as before shares existed; the default is the three tasks
+    even = m3ft.alignment_examples(12, seed=3, tasks=("caption", "story", "dialogue"))
+    assert [e.caption for e in even] == [e.caption for e in m3ft.alignment_examples(12, seed=3)]
+    assert Counter(e.sample.task for e in even) == {"caption": 4, "story": 4, "dialogue": 4}
+    for bad in ({"caption": 0.5, "story": 0.25}, {"caption": 1.5, "story": -0.5}, (), "dialogue"):
+        with pytest.raises(ValueError, match="tasks|shares"):
+            m3ft.alignment_examples(8, tasks=bad)
+
+
 def test_drawn_references_replace_only_the_assistants_pictures_in_the_example_and_its_conversation(tok):
     from m2chat_lite.data import Image
 
