@@ -108,13 +108,17 @@ RECIPE = {
     # 84.5% (at stage 1, 75.0% -> 85.7%; with 1,600 cached steps 88.1%). The drawing (about 2 minutes on 2 cores
     # at 4 steps; 85 s at the 3 of "A faster M³FT") is paid for with 300 fewer cached steps (1,300, was 1,600;
     # the words open at 900, was 1,100)
-    # (M2CHAT_RECIPE.md, "The picture before is the system's own" and "Drawn references join the recipe")
+    # (M2CHAT_RECIPE.md, "The picture before is the system's own" and "Drawn references join the recipe").
+    # `tasks`: the pool's shares of captions, stories and dialogues (m3ft.alignment_examples; was a third each). Half
+    # from dialogues, whose edits are where untouched objects are lost; stage 2's alignment term draws from the same
+    # shares (M2CHAT_RECIPE.md, "Half the alignment pool from dialogues")
     "stage1": {"steps": 1315, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
                "pool_size": 12000, "gate_mode": "adaptive", "lambda_seq": 1.0, "lambda_pooled": 1.0,
                "lambda_reference": 1.0,
                "diffusion_rows": 1, "cached_steps": 1300, "visual_reads_words": True, "words_from_step": 900,
                "words_lr_ratio": 0.25, "drawn_references": 1.0, "drawing_steps": 3, "drawing_guidance": 3.0,
-               "drawing_cpu_bf16": True, "caching_cpu_bf16": True},
+               "drawing_cpu_bf16": True, "caching_cpu_bf16": True,
+               "tasks": {"caption": 0.25, "story": 0.25, "dialogue": 0.5}},
     # `mix`: the shares of stories, dialogues and visual questions in stage 2's pool (m3ft.stage2_samples).
     # `per_conversation`: the LM loss weighs each conversation once, not each token (m3ft.stage2_loss). Weighed by
     # token, the visual questions, 30% of the conversations, were 2.8% of the loss, and stage 2 lost about 12 points
@@ -155,14 +159,15 @@ def stage1_words_from_step(steps: int | None, minutes: float | None) -> int:
 def stage1_recipe_kwargs(steps: int | None, minutes: float | None) -> dict:
     """The recipe's stage-1 knobs that depend on the budget, as keyword arguments of ``m3ft.train_stage1``: the
     diffusion term's rows, the reference term's weight, the cached steps and where the visual branch's words open
-    (with the warm restart there). The CLI stage and the ablations both call it, so they cannot drift apart."""
+    (with the warm restart there), the drawn references and the pool's task shares. The CLI stage and the
+    ablations both call it, so they cannot drift apart."""
     r = RECIPE["stage1"]
     return {"diffusion_rows": r["diffusion_rows"], "lambda_reference": r["lambda_reference"],
             "cached_steps": stage1_cached_steps(steps, minutes),
             "words_from_step": stage1_words_from_step(steps, minutes), "words_lr_ratio": r["words_lr_ratio"],
             "drawn_references": r["drawn_references"], "drawing_steps": r["drawing_steps"],
             "drawing_guidance": r["drawing_guidance"], "drawing_cpu_bf16": r["drawing_cpu_bf16"],
-            "caching_cpu_bf16": r["caching_cpu_bf16"]}
+            "caching_cpu_bf16": r["caching_cpu_bf16"], "tasks": r["tasks"]}
 
 
 def _recipe_share(key: str, steps: int | None, minutes: float | None) -> int:
@@ -384,7 +389,8 @@ def _train_stage2(run: StageRun):
     result = train_stage2(model, tokenizer, run.train_config, batch_size=r["batch_size"], pool_size=r["pool_size"],
                           alignment_weight=r["alignment_weight"], alignment_batch_size=r["alignment_batch_size"],
                           diffusion_rows=r["diffusion_rows"], mix=r["mix"], per_conversation=r["per_conversation"],
-                          out_dir=run.state_dir, device=run.device, progress=run.progress)
+                          alignment_tasks=RECIPE["stage1"]["tasks"], out_dir=run.state_dir, device=run.device,
+                          progress=run.progress)
 
     def finish() -> dict:
         metrics = stage2_metrics(model, tokenizer, pipeline)

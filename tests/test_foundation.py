@@ -191,7 +191,8 @@ def test_the_cli_and_the_ablations_take_stage1s_budget_knobs_from_one_place():
                       "words_from_step": r["words_from_step"] * (r["steps"] // 5) // r["steps"],
                       "words_lr_ratio": r["words_lr_ratio"], "drawn_references": r["drawn_references"],
                       "drawing_steps": r["drawing_steps"], "drawing_guidance": r["drawing_guidance"],
-                      "drawing_cpu_bf16": r["drawing_cpu_bf16"], "caching_cpu_bf16": r["caching_cpu_bf16"]}
+                      "drawing_cpu_bf16": r["drawing_cpu_bf16"], "caching_cpu_bf16": r["caching_cpu_bf16"],
+                      "tasks": r["tasks"]}
     assert stage1_recipe_kwargs(None, 5.0)["cached_steps"] == 0 == stage1_recipe_kwargs(None, 5.0)["words_from_step"]
     # the ablations call the same function (not a copy of it), so a change of the recipe reaches both
     assert ablations.stage1_recipe_kwargs is foundation.stage1_recipe_kwargs
