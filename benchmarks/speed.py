@@ -68,6 +68,12 @@ def step_fn(model, loss_fn, batch, params):
     return step
 
 
+def aligned(n: int) -> list:
+    """``n`` alignment examples from the recipe's pool: its shares of captions, stories and dialogues (the share
+    with a picture before theirs sets the cost of the adapter's visual branch)."""
+    return m3ft.alignment_examples(n, tasks=RECIPE["stage1"]["tasks"])
+
+
 def tiny_rows(device: str, steps: int) -> list[tuple[str, str]]:
     """The tiny system's rows (the shipped checkpoints)."""
     pipe = M2ChatPipeline.from_pretrained(device=device)
@@ -84,14 +90,14 @@ def tiny_rows(device: str, steps: int) -> list[tuple[str, str]]:
                                                          pipe.max_length, n_per_task=50)(0)},
             lambda b: fusion.fusion_step_loss(model.fused, b)),
         "M³FT stage 1": ("stage1", RECIPE["stage1"]["batch_size"],
-                         lambda n: m3ft.alignment_batch(model, tokenizer, m3ft.alignment_examples(n)),
+                         lambda n: m3ft.alignment_batch(model, tokenizer, aligned(n)),
                          lambda b: m3ft.stage1_loss(model, b, diffusion_rows=RECIPE["stage1"]["diffusion_rows"],
                                                     lambda_reference=RECIPE["stage1"]["lambda_reference"])[0]),
         "M³FT stage 2": ("stage2", RECIPE["stage2"]["batch_size"],
                          lambda n: (fusion.sample_batches(tokenizer, m3ft.stage2_samples(4 * n),
                                                           model.fused.tokens_per_image, n)(0),
-                                    m3ft.alignment_batch(model, tokenizer, m3ft.alignment_examples(
-                                        RECIPE["stage2"]["alignment_batch_size"]))),
+                                    m3ft.alignment_batch(model, tokenizer,
+                                                         aligned(RECIPE["stage2"]["alignment_batch_size"]))),
                          lambda b: m3ft.stage2_objective(model, *b,
                                                          diffusion_rows=RECIPE["stage2"]["diffusion_rows"])[0]),
     }
@@ -136,13 +142,13 @@ def cached_stage1_rows(model, tokenizer, batch_size: int, loss_fn, steps: int, d
     """The recipe's cached stage-1 step (the adapter alone, on precomputed LM states: ``m3ft.train_stage1``'s
     ``cached_steps``) and the size of that cache for the recipe's pool, from the mean of ``sample`` examples."""
     r = RECIPE["stage1"]
-    items = m3ft.precompute_alignment(model, tokenizer, m3ft.alignment_examples(sample))
+    items = m3ft.precompute_alignment(model, tokenizer, aligned(sample))
     # a tensor two keys share (a row without a reference stands in its own caption's sequence) is counted once
     per_example = sum(sum({t.data_ptr(): t.numel() * t.element_size() for t in item.values()
                            if isinstance(t, torch.Tensor)}.values()) for item in items) / len(items)
     params = [p for p in model.adapter.parameters() if p.requires_grad]
-    # a batch drawn as the recipe draws them (captions, stories and dialogues mixed, about half with a picture
-    # before theirs): the first examples alone are all captions, with no reference, where the visual branch is skipped
+    # a batch drawn as the recipe draws them (captions, stories and dialogues mixed, most with a picture before
+    # theirs): the first examples alone are all captions, with no reference, where the visual branch is skipped
     batch = fusion.cached_batches(len(items), batch_size, 0, items.__getitem__, m3ft.collate_precomputed)(0)
     seconds = timed(step_fn(model, loss_fn, batch, params), steps, device)
     return [(f"M³FT stage 1: cached step (adapter alone, {r['cached_steps']} of the recipe's {r['steps']}), "

@@ -42,7 +42,9 @@ losses. The adapter is frozen, so that term moves only the LoRA: it keeps the hi
 where stage 1 left them. Without it (``alignment_weight=0``) the LoRA drifts those states and the pictures
 suffer: on the chain shipped before 2026-11-27, 800 steps took the benchmark's fully-right pictures from
 17.3% after stage 1 to 8.7%; with it, to 18.3% (``benchmarks/M2CHAT_RECIPE.md``). With ``diffusion_rows=0``
-the term keeps only its teacher-matching (MSE) parts and the generator is not run in stage 2.
+the term keeps only its teacher-matching (MSE) parts and the generator is not run in stage 2. With
+``retention_weight`` (0 in the shipped recipe) one more term, :func:`retention_loss`, keeps the answers to visual
+questions close to those of prompt fusion, the model stage 2 starts from.
 
 ``trainable_groups(stage)`` names each stage's parameters; ``check_disjoint`` proves the two stages share
 none (tested, with a test that frozen weights do not move).
@@ -54,6 +56,7 @@ adapter chases an LM that is still changing, the entanglement the paper's two st
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
@@ -77,7 +80,7 @@ from .encoders import encode_text
 from .fusion import (FusedLM, cached_batches, collate, encode_with_pictures, fusion_loss, load_fused, lora_merged,
                      sample_batches, save_fused, set_trainable)
 from .layout import ATTRIBUTES
-from .tokenizer import image_gen_tokens
+from .tokenizer import IGNORE_INDEX, image_gen_tokens
 from .training import TrainConfig, TrainResult, data_parallel, train
 from .utils import DATA_DIR, autocast_context, cpu_has_bf16_instructions
 from .world.samples import make_samples, scenes_of
@@ -630,19 +633,50 @@ def stage2_loss(model: M2ChatModel, batch: dict, per_conversation: bool = False)
     return fusion_loss(model.fused, batch, per_sequence=per_conversation)
 
 
+def frozen_copy(fused: FusedLM) -> FusedLM:
+    """A frozen copy of ``fused`` as it is now, in eval mode: the teacher of :func:`retention_loss` (a second
+    LM and vision encoder in memory, with no gradients or optimizer state)."""
+    return copy.deepcopy(fused).requires_grad_(False).eval()
+
+
+def retention_loss(model: M2ChatModel, teacher: FusedLM, batch: dict) -> torch.Tensor:
+    """How far the LM has moved from ``teacher`` (a :func:`frozen_copy` of prompt fusion, taken where stage 2
+    starts) on the assistant's tokens of ``batch``: KL(teacher ‖ model) between their next-token distributions,
+    the mean over those tokens. On visual questions it asks stage 2 to keep answering as fusion did, the whole
+    distribution and not only its top word (``benchmarks/M2CHAT_RECIPE.md``, "Stage 2 keeps fusion's answers")."""
+    device = model.fused.device
+    inputs = {key: batch[key].to(device) for key in ("input_ids", "pixel_values", "attention_mask", "position_ids")}
+    logits = model.fused(**inputs, use_cache=False).logits[:, :-1]
+    with torch.no_grad():
+        target = teacher(**inputs, use_cache=False).logits[:, :-1]
+    here = batch["labels"][:, 1:].to(device) != IGNORE_INDEX
+    return F.kl_div(logits[here].float().log_softmax(-1), target[here].float().log_softmax(-1), log_target=True,
+                    reduction="batchmean")
+
+
 def stage2_objective(model: M2ChatModel, instruction: dict, aligned: dict | None = None,
                      alignment_weight: float = 1.0, lambda_seq: float = 1.0, lambda_pooled: float = 1.0,
                      diffusion_rows: int | None = None,
-                     per_conversation: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+                     per_conversation: bool = False, retained: dict | None = None, teacher: FusedLM | None = None,
+                     retention_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """What a stage-2 step minimises: :func:`stage2_loss` on an ``instruction`` batch, plus
-    ``alignment_weight`` × :func:`stage1_loss` on an ``aligned`` batch (:func:`alignment_batch`). The adapter
-    is frozen in stage 2, so the second term only moves the LoRA: it keeps the states the adapter reads."""
+    ``alignment_weight`` × :func:`stage1_loss` on an ``aligned`` batch (:func:`alignment_batch`), plus
+    ``retention_weight`` × :func:`retention_loss` to ``teacher`` on a ``retained`` batch (visual questions). The
+    adapter is frozen in stage 2, so the second term only moves the LoRA: it keeps the states the adapter reads."""
     l_lm = stage2_loss(model, instruction, per_conversation)
-    if aligned is None or not alignment_weight:
-        return l_lm, {"lm": l_lm.item()}
-    l_aligned, parts = stage1_loss(model, aligned, lambda_seq, lambda_pooled, diffusion_rows=diffusion_rows)
-    return l_lm + alignment_weight * l_aligned, {"lm": l_lm.item(), "alignment": l_aligned.item(),
-                                                 "seq_mse": parts["seq_mse"]}
+    loss, parts = l_lm, {"lm": l_lm.item()}
+    if aligned is not None and alignment_weight:
+        l_aligned, aligned_parts = stage1_loss(model, aligned, lambda_seq, lambda_pooled, diffusion_rows=diffusion_rows)
+        loss = loss + alignment_weight * l_aligned
+        parts.update(alignment=l_aligned.item(), seq_mse=aligned_parts["seq_mse"])
+    if retained is not None and retention_weight:
+        if teacher is None:
+            raise ValueError("retention_weight needs the teacher it keeps to: pass teacher=frozen_copy(model.fused), "
+                             "taken before stage 2 trains")
+        l_retained = retention_loss(model, teacher, retained)
+        loss = loss + retention_weight * l_retained
+        parts["retention"] = l_retained.item()
+    return loss, parts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -742,7 +776,8 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
                  alignment_batch_size: int | None = None, examples: Sequence[AlignmentExample] | None = None,
                  lambda_seq: float = 1.0, lambda_pooled: float = 1.0, diffusion_rows: int | None = None,
                  mix: dict[str, float] | None = None, per_conversation: bool = False,
-                 alignment_tasks: Sequence[str] | dict[str, float] | None = None) -> TrainResult:
+                 alignment_tasks: Sequence[str] | dict[str, float] | None = None, retention_weight: float = 0.0,
+                 retention_batch_size: int | None = None) -> TrainResult:
     """Stage 2 with the shared loop: LoRA, projector and fusion gate learn; the adapter is frozen. The data
     is ``pool_size`` ShapeWorld stories, dialogues and questions (shares from ``mix``, as
     :func:`stage2_samples`), or ``samples`` (real data). Each step adds
@@ -750,7 +785,12 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
     by default): ShapeWorld's, or ``examples`` (default with ``samples``: the pictures they draw), with
     ``diffusion_rows`` as in :func:`stage1_loss` (ShapeWorld's drawn from ``alignment_tasks``, as
     :func:`alignment_examples`; pass stage 1's). ``per_conversation``: the LM loss weighs each conversation
-    once (:func:`stage2_loss`), not each token, so a visual question's one-word answer counts as much as a story."""
+    once (:func:`stage2_loss`), not each token, so a visual question's one-word answer counts as much as a story.
+
+    ``retention_weight``: each step also adds that weight × :func:`retention_loss` on ``retention_batch_size``
+    (``batch_size // 2`` by default) of the pool's visual questions, against a frozen copy of the fused LM as stage
+    2 found it (prompt fusion's LoRA, projector and gate): stage 2 learns stories and dialogues while its answers
+    stay close to fusion's."""
     set_stage(model, "stage2", train_adapter_gate)
     model.to(device)
     if samples is not None and examples is None:  # real data: align on the pictures it draws
@@ -767,14 +807,25 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
     if alignment_weight:
         alignment = _alignment_batches(model, tokenizer, examples, alignment_batch_size or max(1, batch_size // 2),
                                        train_config.seed, pool_size, alignment_tasks)
+    retention, teacher = None, None
+    if retention_weight:
+        questions = [sample for sample in samples if sample.task == "vqa"]
+        retention_batch_size = retention_batch_size or max(1, batch_size // 2)
+        _check_pool(questions, retention_batch_size, "visual questions to keep fusion's answers on")
+        retention = sample_batches(tokenizer, questions, model.fused.tokens_per_image, retention_batch_size,
+                                   model.image_size, seed=train_config.seed + 1)
+        teacher = frozen_copy(model.fused)  # before any step, and before a resumed run loads its state
     last_parts: dict[str, float] = {}
 
-    def make_batch(step: int) -> tuple[dict, dict | None]:
-        return instruction_batch(step), alignment(step) if alignment is not None else None
+    def make_batch(step: int) -> tuple[dict, dict | None, dict | None]:
+        return (instruction_batch(step), alignment(step) if alignment is not None else None,
+                retention(step) if retention is not None else None)
 
-    def loss_fn(batch: tuple[dict, dict | None]) -> torch.Tensor:
-        loss, parts = stage2_objective(model, *batch, alignment_weight, lambda_seq, lambda_pooled, diffusion_rows,
-                                       per_conversation)
+    def loss_fn(batch: tuple[dict, dict | None, dict | None]) -> torch.Tensor:
+        instruction, aligned, retained = batch
+        loss, parts = stage2_objective(model, instruction, aligned, alignment_weight, lambda_seq, lambda_pooled,
+                                       diffusion_rows, per_conversation, retained=retained, teacher=teacher,
+                                       retention_weight=retention_weight)
         last_parts.update(parts)
         return loss
 

@@ -229,6 +229,43 @@ def test_the_stage_2_objective_adds_stage_1s_loss_and_its_gradient_reaches_the_l
     assert set(parts) == {"lm"} and without.item() == pytest.approx(m3ft.stage2_loss(model, instruction).item())
 
 
+def test_the_retention_term_is_zero_at_the_teacher_and_pulls_the_lora_back_to_it(tok):
+    model = system(tok)
+    trained = set(m3ft.set_stage(model, "stage2"))
+    questions = fusion.sample_batches(tok, make_samples("vqa", 4), model.fused.tokens_per_image, 4)(0)
+    teacher = m3ft.frozen_copy(model.fused)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    assert m3ft.retention_loss(model, teacher, questions).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():  # stage 2 moves the LoRA: now the model answers differently from its teacher
+        for name, param in model.named_parameters():
+            if name in trained and "lora_B" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    moved = m3ft.retention_loss(model, teacher, questions)
+    assert moved.item() > 1e-4
+    model.zero_grad()
+    moved.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in model.named_parameters() if n in trained and "lora_B" in n)
+    assert all(p.grad is None for p in teacher.parameters())
+    instruction = fusion.sample_batches(tok, make_samples("story", 2), model.fused.tokens_per_image, 2)(0)
+    loss, parts = m3ft.stage2_objective(model, instruction, retained=questions, teacher=teacher, retention_weight=2.0)
+    assert loss.item() == pytest.approx(parts["lm"] + 2.0 * moved.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="frozen_copy"):
+        m3ft.stage2_objective(model, instruction, retained=questions, retention_weight=1.0)
+
+
+def test_stage_2_with_retention_trains_and_logs_the_term_or_says_there_are_no_questions(tok):
+    model = system(tok)
+    config = TrainConfig(max_steps=2, lr=1e-2, warmup_steps=1, log_every=1)
+    result = m3ft.train_stage2(model, tok, config, batch_size=4, pool_size=12, progress=False, alignment_weight=0,
+                               retention_weight=1.0, retention_batch_size=2)
+    last = result.history[-1]
+    assert last["loss"] == pytest.approx(last["lm"] + last["retention"], rel=1e-5) and last["retention"] >= 0
+    with pytest.raises(ValueError, match="visual questions"):
+        m3ft.train_stage2(system(tok), tok, config, batch_size=2, samples=make_samples("story", 4),
+                          alignment_weight=0, retention_weight=1.0, progress=False)
+
+
 def test_stage_2_on_real_data_without_drawn_pictures_says_what_to_do(tok):
     model = system(tok)
     questions = make_samples("vqa", 6)  # the assistant answers in words: nothing to keep aligned
