@@ -643,7 +643,7 @@ def retention_loss(model: M2ChatModel, teacher: FusedLM, batch: dict) -> torch.T
     """How far the LM has moved from ``teacher`` (a :func:`frozen_copy` of prompt fusion, taken where stage 2
     starts) on the assistant's tokens of ``batch``: KL(teacher ‖ model) between their next-token distributions,
     the mean over those tokens. On visual questions it asks stage 2 to keep answering as fusion did, the whole
-    distribution and not only its top word (``benchmarks/M2CHAT_RECIPE.md``, "Stage 2 keeps fusion's answers")."""
+    distribution and not only its top word (``benchmarks/M2CHAT_RECIPE.md``, "A stage 2 that keeps fusion's answers")."""
     device = model.fused.device
     inputs = {key: batch[key].to(device) for key in ("input_ids", "pixel_values", "attention_mask", "position_ids")}
     logits = model.fused(**inputs, use_cache=False).logits[:, :-1]
