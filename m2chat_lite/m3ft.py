@@ -643,7 +643,8 @@ def retention_loss(model: M2ChatModel, teacher: FusedLM, batch: dict) -> torch.T
     """How far the LM has moved from ``teacher`` (a :func:`frozen_copy` of prompt fusion, taken where stage 2
     starts) on the assistant's tokens of ``batch``: KL(teacher ‖ model) between their next-token distributions,
     the mean over those tokens. On visual questions it asks stage 2 to keep answering as fusion did, the whole
-    distribution and not only its top word (``benchmarks/M2CHAT_RECIPE.md``, "A stage 2 that keeps fusion's answers")."""
+    distribution and not only its top word (``benchmarks/M2CHAT_RECIPE.md``, "A stage 2 that keeps fusion's
+    answers")."""
     device = model.fused.device
     inputs = {key: batch[key].to(device) for key in ("input_ids", "pixel_values", "attention_mask", "position_ids")}
     logits = model.fused(**inputs, use_cache=False).logits[:, :-1]
@@ -666,7 +667,8 @@ def stage2_objective(model: M2ChatModel, instruction: dict, aligned: dict | None
     l_lm = stage2_loss(model, instruction, per_conversation)
     loss, parts = l_lm, {"lm": l_lm.item()}
     if aligned is not None and alignment_weight:
-        l_aligned, aligned_parts = stage1_loss(model, aligned, lambda_seq, lambda_pooled, diffusion_rows=diffusion_rows)
+        l_aligned, aligned_parts = stage1_loss(model, aligned, lambda_seq, lambda_pooled,
+                                               diffusion_rows=diffusion_rows)
         loss = loss + alignment_weight * l_aligned
         parts.update(alignment=l_aligned.item(), seq_mse=aligned_parts["seq_mse"])
     if retained is not None and retention_weight:
