@@ -88,6 +88,18 @@ def test_alignment_examples_take_each_task_s_share():
             m3ft.alignment_examples(8, tasks=bad)
 
 
+def test_the_edit_task_takes_a_dialogue_s_edits_alone():
+    from collections import Counter
+
+    examples = m3ft.alignment_examples(20, seed=3, tasks={"caption": 0.5, m3ft.EDIT_TASK: 0.5})
+    assert Counter(e.sample.task for e in examples) == {"caption": 10, "dialogue": 10}
+    edits = [e for e in examples if e.sample.task == "dialogue"]
+    # each is a picture drawn from the one before it, never a dialogue's first picture
+    assert all(e.reference is not None and e.reference_caption is not None for e in edits)
+    dialogues = m3ft.alignment_examples(40, seed=3, tasks={"dialogue": 1.0})
+    assert any(e.reference is None for e in dialogues)  # the dialogue task keeps its first pictures
+
+
 def test_drawn_references_replace_only_the_assistants_pictures_in_the_example_and_its_conversation(tok):
     from m2chat_lite.data import Image
 
@@ -264,6 +276,45 @@ def test_stage_2_with_retention_trains_and_logs_the_term_or_says_there_are_no_qu
     with pytest.raises(ValueError, match="visual questions"):
         m3ft.train_stage2(system(tok), tok, config, batch_size=2, samples=make_samples("story", 4),
                           alignment_weight=0, retention_weight=1.0, progress=False)
+
+
+def test_interpolate_lora_moves_only_the_lora_part_of_the_way_back(tok):
+    model = system(tok)
+    m3ft.set_stage(model, "stage2")
+    start = m3ft.lora_weights(model.fused)
+    assert start and all("lora_" in name for name in start)
+    with torch.no_grad():  # what stage 2 would do: move the LoRA and the projector
+        for name, param in model.fused.named_parameters():
+            if "lora_" in name or name.startswith("projector"):
+                param.add_(torch.randn_like(param))
+    trained = {name: param.detach().clone() for name, param in model.fused.named_parameters()}
+    m3ft.interpolate_lora(model.fused, start, 0.7)
+    for name, param in model.fused.named_parameters():
+        expected = start[name] + 0.7 * (trained[name] - start[name]) if name in start else trained[name]
+        assert torch.allclose(param, expected, atol=1e-6), name
+    m3ft.interpolate_lora(model.fused, start, 0.0)  # keep nothing: fusion's LoRA again
+    assert all(torch.equal(param, start[name]) for name, param in model.fused.named_parameters() if name in start)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        m3ft.interpolate_lora(model.fused, start, 1.5)
+    with pytest.raises(ValueError, match="do not match"):
+        m3ft.interpolate_lora(model.fused, dict(list(start.items())[1:]), 0.5)
+
+
+def test_stage_2_with_lora_keep_ends_part_of_the_way_from_its_start(tok):
+    config = TrainConfig(max_steps=2, lr=1e-2, warmup_steps=1, log_every=1)
+    runs = {}
+    for keep in (1.0, 0.5):
+        torch.manual_seed(0)
+        model = system(tok)
+        start = m3ft.lora_weights(model.fused)
+        m3ft.train_stage2(model, tok, config, batch_size=4, pool_size=12, progress=False, alignment_weight=0,
+                          lora_keep=keep)
+        runs[keep] = m3ft.lora_weights(model.fused)
+    for name, value in start.items():  # the same training, then half of its change kept
+        assert torch.allclose(runs[0.5][name], value + 0.5 * (runs[1.0][name] - value), atol=1e-6), name
+    assert any(not torch.equal(runs[1.0][name], value) for name, value in start.items())
+    with pytest.raises(ValueError, match="lora_keep"):
+        m3ft.train_stage2(system(tok), tok, config, batch_size=4, pool_size=12, progress=False, lora_keep=-0.1)
 
 
 def test_stage_2_on_real_data_without_drawn_pictures_says_what_to_do(tok):
