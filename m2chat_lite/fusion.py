@@ -367,14 +367,18 @@ def shifted_loss(logits: torch.Tensor, labels: torch.Tensor, per_sequence: bool 
     return (losses.sum(1)[labelled] / counts[labelled]).mean()
 
 
+def batch_logits(model: FusedLM, batch: dict) -> torch.Tensor:
+    """The fused LM's logits ``[B, T, vocab]`` for a batch from :func:`collate`, moved to the model's device."""
+    device = model.device
+    return model(batch["input_ids"].to(device), batch["pixel_values"].to(device),
+                 attention_mask=batch["attention_mask"].to(device), position_ids=batch["position_ids"].to(device),
+                 use_cache=False).logits
+
+
 def fusion_loss(model: FusedLM, batch: dict, per_sequence: bool = False) -> torch.Tensor:
     """The LM loss on the labelled (assistant) tokens of a batch from :func:`collate` (``per_sequence``: as
     :func:`shifted_loss`)."""
-    device = model.device
-    out = model(batch["input_ids"].to(device), batch["pixel_values"].to(device),
-                attention_mask=batch["attention_mask"].to(device), position_ids=batch["position_ids"].to(device),
-                use_cache=False)
-    return shifted_loss(out.logits, batch["labels"].to(device), per_sequence)
+    return shifted_loss(batch_logits(model, batch), batch["labels"].to(model.device), per_sequence)
 
 
 def sample_batches(tokenizer, samples: Sequence[Sample], tokens_per_image: int, batch_size: int,

@@ -79,8 +79,8 @@ from .data import Image, Sample, Turn, image_to_tensor
 from .diffusion import (check_caption_samples, diffusion_loss, generate_for_embeds, generate_for_prompts, layout_of,
                         score_pictures)
 from .encoders import encode_text
-from .fusion import (FusedLM, cached_batches, collate, encode_with_pictures, fusion_loss, load_fused, lora_merged,
-                     sample_batches, save_fused, set_trainable)
+from .fusion import (FusedLM, batch_logits, cached_batches, collate, encode_with_pictures, fusion_loss, load_fused,
+                     lora_merged, sample_batches, save_fused, set_trainable)
 from .layout import ATTRIBUTES
 from .tokenizer import IGNORE_INDEX, image_gen_tokens
 from .training import TrainConfig, TrainResult, data_parallel, train
@@ -675,8 +675,7 @@ def interpolate_lora(fused: FusedLM, start: dict[str, torch.Tensor], keep: float
         raise ValueError(f"start and the model's LoRA do not match (first: {missing[0]}); take start with "
                          "lora_weights(fused) on the same model")
     for name, value in start.items():
-        param = params[name]
-        param.copy_(value.to(param) + keep * (param - value.to(param)))
+        params[name].copy_(torch.lerp(value.to(params[name]), params[name], keep))
 
 
 def retention_loss(model: M2ChatModel, teacher: FusedLM, batch: dict) -> torch.Tensor:
@@ -685,12 +684,10 @@ def retention_loss(model: M2ChatModel, teacher: FusedLM, batch: dict) -> torch.T
     the mean over those tokens. On visual questions it asks stage 2 to keep answering as fusion did, the whole
     distribution and not only its top word (``benchmarks/M2CHAT_RECIPE.md``, "A stage 2 that keeps fusion's
     answers")."""
-    device = model.fused.device
-    inputs = {key: batch[key].to(device) for key in ("input_ids", "pixel_values", "attention_mask", "position_ids")}
-    logits = model.fused(**inputs, use_cache=False).logits[:, :-1]
+    logits = batch_logits(model.fused, batch)[:, :-1]
     with torch.no_grad():
-        target = teacher(**inputs, use_cache=False).logits[:, :-1]
-    here = batch["labels"][:, 1:].to(device) != IGNORE_INDEX
+        target = batch_logits(teacher, batch)[:, :-1]
+    here = batch["labels"][:, 1:].to(logits.device) != IGNORE_INDEX
     return F.kl_div(logits[here].float().log_softmax(-1), target[here].float().log_softmax(-1), log_target=True,
                     reduction="batchmean")
 
@@ -950,11 +947,8 @@ def teacher_forced_scores(fused: FusedLM, tokenizer, samples: Sequence[Sample], 
         items = [encode_with_pictures(tokenizer, s, fused.tokens_per_image, image_size)
                  for s in samples[start:start + batch_size]]
         batch = collate(items, tokenizer.pad_token_id)
-        device = fused.device
-        logits = fused(batch["input_ids"].to(device), batch["pixel_values"].to(device),
-                       attention_mask=batch["attention_mask"].to(device),
-                       position_ids=batch["position_ids"].to(device), use_cache=False).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:].to(device)
+        logits = batch_logits(fused, batch)[:, :-1].float()
+        labels = batch["labels"][:, 1:].to(logits.device)
         keep = labels != -100
         nats += F.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
         predicted = logits.argmax(-1)
