@@ -9,7 +9,8 @@ returns ``{metric: value}`` with the sample count and seed, using ``metrics.py``
 - ``story``: each benchmark story's words held fixed and its pictures drawn by the system
   (``pipeline.illustrate``): frame–sentence alignment, the character's consistency, the gate; the written
   part teacher-forced (loss, token accuracy, ``[IMG]`` placement) and, for ``text_samples`` stories, the
-  greedy story's BLEU against the benchmark's;
+  story the system writes in its own words (greedy): its BLEU against the benchmark's, its frames, and each
+  picture against what its own sentence says (``own_*``, read back by ``world.read_story``);
 - ``dialog``: each benchmark dialogue illustrated the same way: the first picture against its scene,
   every later one as an edit of the one before (success on what changed, preservation of the rest), also
   split by the kind of edit and by the number of objects in the scene;
@@ -135,19 +136,54 @@ def eval_story(pipe, samples: Sequence[Sample], seed: int = 0, text_samples: int
         rows.append(metrics.story_scores([s["image"] for s in drawn], scenes_of(sample), Obj(**sample.meta["character"])))
         gates += [s["gate"] for s in drawn[1:] if s["gate"] is not None]
     written = teacher_forced_scores(pipe.model.fused, pipe.tokenizer, list(samples))
-    candidates, references = [], []
+    candidates, references, told = [], [], []
     for sample in list(samples)[:text_samples]:
         request = sample.turns[0].content[0].text
         reply = pipe.chat([{"role": "user", "content": request}], seed=seed)
-        candidates.append(" ".join(story_frames(reply.message)[0]))
+        sentences, pictures = story_frames(reply.message)
+        candidates.append(" ".join(sentences))
         references.append(" ".join(seg.text for seg in sample.turns[1].content if not isinstance(seg, Image)))
+        told.append(own_story_scores(sentences, pictures))
     return {"alignment_exact": _mean(r["alignment"]["exact"] for r in rows),
             **{f"alignment_{k}": _mean(r["alignment"][k] for r in rows) for k in ("position", "shape", "color", "size")},
             "consistency": _mean(r["consistency"] for r in rows), "gate_mean": _mean(gates),
             "text_loss": written["loss"], "text_token_accuracy": written["token_accuracy"],
             "img_recall": written["img_recall"], "img_precision": written["img_precision"],
             "bleu_greedy_story": metrics.bleu(candidates, references) if candidates else None,
-            "bleu_samples": len(candidates), "frames": sum(r["frames"] for r in rows)}
+            "bleu_samples": len(candidates), "frames": sum(r["frames"] for r in rows),
+            "frames_per_story": sum(r["frames"] for r in rows) / len(rows), **own_words_summary(told)}
+
+
+def own_story_scores(sentences: Sequence[str], pictures: Sequence) -> dict:
+    """A story the system wrote in its own words, scored against what its own sentences say
+    (``world.read_story``): how many frames, how many of them can be read, each read frame's picture against
+    its scene (the oracle's exact), and the character kept as in ``metrics.story_scores``."""
+    from .world import read_story, score
+
+    scenes = read_story(sentences)
+    read = sum(scene is not None for scene in scenes)  # the sentences read are a prefix of the story
+    exact = [score(picture, scene)["exact"] for picture, scene in zip(pictures[:read], scenes[:read])]
+    kept = None
+    if read >= 2:
+        kept = metrics.story_scores(pictures[:read], scenes[:read], scenes[0].objects[0])["consistency"]
+    return {"frames": len(pictures), "read": read, "exact": exact, "consistency": kept}
+
+
+def own_words_summary(told: Sequence[dict]) -> dict:
+    """The ``own_*`` entries of the story suite: the greedy stories in the system's own words. A story of the
+    same length every time, or one that stops making sense, shows here and nowhere else (the other story
+    scores hold the benchmark's words fixed)."""
+    if not told:
+        return {}
+    counts = {}
+    for t in told:
+        counts[str(t["frames"])] = counts.get(str(t["frames"]), 0) + 1
+    frames = sum(t["frames"] for t in told)
+    exact = [e for t in told for e in t["exact"]]
+    return {"own_stories": len(told), "own_frames_per_story": frames / len(told),
+            "own_frame_counts": dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
+            "own_frames_read": sum(t["read"] for t in told) / frames if frames else None,
+            "own_alignment_exact": _mean(exact), "own_consistency": _mean(t["consistency"] for t in told)}
 
 
 def picture_kinds(sample: Sample) -> list[str]:

@@ -324,8 +324,30 @@ def test_eval_runs_every_suite_on_a_few_samples(system_dir, tmp_path, capsys):
     assert 0 <= results["chat"]["reply_words_exact"] <= 1
     assert results["meta"]["model"] == str(system_dir) and results["meta"]["threads"] >= 1
     printed = capsys.readouterr().out
-    assert "== story (2 samples" in printed and "consistency" in printed
+    assert "== story (2 samples" in printed and "consistency" in printed and "own_frames_per_story" in printed
+    story = results["story"]
+    assert story["own_stories"] == 2 and sum(story["own_frame_counts"].values()) == 2
+    assert story["own_frames_per_story"] == sum(int(k) * v for k, v in story["own_frame_counts"].items()) / 2
     assert main(["eval", "--model", str(system_dir), "--limit", "0"]) == 2
+
+
+def test_a_story_in_the_systems_own_words_is_scored_against_its_own_sentences():
+    from m2chat_lite.evaluation import own_story_scores, own_words_summary
+
+    sample = load_benchmark("story", split="test")[0]
+    sentences = [segment.text for segment in sample.turns[1].content if hasattr(segment, "text")]
+    pictures = [p.load() for p in sample.images()]
+    truth = own_story_scores(sentences, pictures)
+    assert truth == {"frames": len(pictures), "read": len(pictures), "exact": [1.0] * len(pictures), "consistency": 1.0}
+    swapped = own_story_scores(sentences, pictures[:1] + pictures[:1] + pictures[2:])  # frame 2 repeats frame 1
+    assert swapped["exact"][1] == 0.0 and swapped["exact"][2:] == [1.0] * (len(pictures) - 2)
+    unread = own_story_scores(sentences[:1] + ["the dragon flies away."] + sentences[2:], pictures)
+    assert unread["read"] == 1 and unread["exact"] == [1.0] and unread["consistency"] is None
+    summary = own_words_summary([truth, unread])
+    assert summary["own_stories"] == 2 and summary["own_frame_counts"] == {str(len(pictures)): 2}
+    assert summary["own_frames_read"] == (len(pictures) + 1) / (2 * len(pictures))
+    assert summary["own_alignment_exact"] == 1.0 and summary["own_consistency"] == 1.0
+    assert own_words_summary([]) == {}
 
 
 def test_picture_kinds_name_what_made_each_picture_of_a_dialogue():

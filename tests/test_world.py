@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from m2chat_lite.world import (COLORS, HELD_OUT, SHAPES, Obj, Scene, caption, caption_pairs, dialogues,
-                               parse_caption, random_scene, read_scene, render, score, stories,
+                               parse_caption, random_scene, read_scene, read_story, render, score, stories,
                                text_corpus, visual_questions)
 from m2chat_lite.world.oracle import read_blobs
 from m2chat_lite.world.scene import BACKGROUND
@@ -152,6 +152,26 @@ def test_dialogue_edits_change_only_what_was_asked():
                 expected = {"recolor": ["color"], "resize": ["size"]}.get(user.kind)
                 assert changed == expected if expected else set(changed) <= {"row", "col"}
             current = reply.scene
+
+
+def test_a_story_reads_back_to_its_scenes_until_it_stops_making_sense():
+    for split in ("train", "heldout"):
+        for story in stories(200, seed=3, split=split):
+            assert read_story([f.sentence for f in story.frames]) == [f.scene for f in story.frames]
+    hero = Obj(0, 0, "circle", "red", "large")
+    told = read_story(["this is a big red circle. it lives at the top left.", "the red circle moves to the center.",
+                       "a friend arrives: a small blue square at the top left.", "the circle turns green.",
+                       "the green circle shrinks and becomes small."])
+    friend = Obj(0, 0, "square", "blue", "small")
+    assert told == [Scene((hero,)), Scene((hero.moved(1, 1),)), Scene((hero.moved(1, 1), friend)),
+                    Scene((Obj(1, 1, "circle", "green", "large"), friend)),
+                    Scene((Obj(1, 1, "circle", "green", "small"), friend))]
+    # a sentence about another shape, or a move onto the friend: unread from there on
+    assert read_story(["a big red circle sits at the top left.", "the square grows big.", "the circle turns blue."]) \
+        == [Scene((hero,)), None, None]
+    assert read_story(told_text := ["a big red circle sits in the center.", "the red circle meets a small blue square "
+                                    "at the top left.", "the red circle moves to the top left."])[2] is None, told_text
+    assert read_story(["once upon a time.", "the circle grows big."]) == [None, None]
 
 
 def test_visual_questions_have_correct_answers():

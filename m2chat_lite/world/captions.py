@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import replace
 
 from .scene import COLORS, SHAPES, Obj, Scene
 
@@ -82,10 +83,10 @@ def number_word(n: int) -> str:
 
 _SIZE_OF = {w: size for size, words in SIZE_WORDS.items() for w in words}
 _CELL_OF = {p.split(" ", 1)[1]: cell for cell, phrases in POSITION_PHRASES.items() for p in phrases}
+_PLACES = "|".join(sorted((re.escape(k) for k in _CELL_OF), key=len, reverse=True))  # longest first
 _OBJECT_RE = re.compile(
     r"\b(?P<size>{sizes}) (?P<color>{colors}) (?P<shape>{shapes}) (?P<prep>at|in|on) (?P<where>{places})\b".format(
-        sizes="|".join(_SIZE_OF), colors="|".join(COLORS), shapes="|".join(SHAPES),
-        places="|".join(sorted((re.escape(k) for k in _CELL_OF), key=len, reverse=True))))
+        sizes="|".join(_SIZE_OF), colors="|".join(COLORS), shapes="|".join(SHAPES), places=_PLACES))
 
 
 def parse_caption(text: str) -> Scene | None:
@@ -101,3 +102,56 @@ def parse_caption(text: str) -> Scene | None:
     except ValueError:  # two objects in one cell, or too many: not a valid ShapeWorld scene
         return None
 
+
+# --- reading a story back --------------------------------------------------------------------------
+
+_NOUN_RE = re.compile(r"\b(?P<size>{sizes}) (?P<color>{colors}) (?P<shape>{shapes})\b".format(
+    sizes="|".join(_SIZE_OF), colors="|".join(COLORS), shapes="|".join(SHAPES)))
+_PLACE_RE = re.compile(rf"\b(?:at|in|on|to) (?P<where>{_PLACES})\b")
+_NAMED_RE = re.compile(r"\bthe (?:(?P<color>{colors}) )?(?P<shape>{shapes})\b".format(
+    colors="|".join(COLORS), shapes="|".join(SHAPES)))
+_TURNS_RE = re.compile(r"\b(?:turns|becomes) (?P<color>{colors})\b".format(colors="|".join(COLORS)))
+
+
+def _read_event(text: str, hero: Obj, scene: Scene) -> tuple[Obj, Scene] | None:
+    """What one sentence does to the hero and the scene, or None if it says nothing readable."""
+    friend = parse_caption(text)
+    if friend is not None and ("meets" in text or "friend" in text):
+        return (hero, scene.add(friend.objects[0])) if len(friend) == 1 else None
+    named = _NAMED_RE.search(text)
+    if named is None or named["shape"] != hero.shape or named["color"] not in (None, hero.color):
+        return None  # the sentence is not about the hero
+    if "grows big" in text or "shrinks" in text:
+        new = replace(hero, size="large" if "grows big" in text else "small")
+    elif turned := _TURNS_RE.search(text):
+        new = replace(hero, color=turned["color"])
+    elif place := _PLACE_RE.search(text):
+        new = hero.moved(*_CELL_OF[place["where"]])
+    else:
+        return None
+    return new, scene.replace_object(hero, new)
+
+
+def read_story(sentences) -> list[Scene | None]:
+    """The scene after each sentence of a story told in the stories' grammar (``tasks.stories``), so that a
+    story the system writes in its own words can be scored picture by picture. The first sentence introduces
+    the hero and its place ("once upon a time there was a big red circle at the top left."); each later one
+    says one thing that happens to the hero (it moves, grows or shrinks, changes colour) or a friend who
+    joins the scene ("the red circle meets a small blue square on the right."). ``None`` from the first
+    sentence that cannot be read, or whose scene cannot be (a move or a friend onto a cell already taken): a story that stops
+    making sense is not scored from there on."""
+    scenes, hero, scene = [], None, None
+    for i, sentence in enumerate(sentences):
+        text = sentence.lower()
+        if i == 0:
+            noun, place = _NOUN_RE.search(text), _PLACE_RE.search(text)
+            if noun and place:
+                hero = Obj(*_CELL_OF[place["where"]], noun["shape"], noun["color"], _SIZE_OF[noun["size"]])
+                scene = Scene((hero,))
+        elif scene is not None:
+            try:
+                hero, scene = _read_event(text, hero, scene) or (None, None)
+            except ValueError:  # two objects in one cell, or more than the grid allows
+                hero, scene = None, None
+        scenes.append(scene)
+    return scenes
