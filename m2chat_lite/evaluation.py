@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from typing import Sequence
 
 from tqdm.auto import tqdm
@@ -151,7 +152,8 @@ def eval_story(pipe, samples: Sequence[Sample], seed: int = 0, text_samples: int
             "img_recall": written["img_recall"], "img_precision": written["img_precision"],
             "bleu_greedy_story": metrics.bleu(candidates, references) if candidates else None,
             "bleu_samples": len(candidates), "frames": sum(r["frames"] for r in rows),
-            "frames_per_story": sum(r["frames"] for r in rows) / len(rows), **own_words_summary(told)}
+            "frames_per_story": sum(r["frames"] for r in rows) / len(rows) if rows else None,
+            **own_words_summary(told)}
 
 
 def own_story_scores(sentences: Sequence[str], pictures: Sequence) -> dict:
@@ -175,9 +177,7 @@ def own_words_summary(told: Sequence[dict]) -> dict:
     scores hold the benchmark's words fixed)."""
     if not told:
         return {}
-    counts = {}
-    for t in told:
-        counts[str(t["frames"])] = counts.get(str(t["frames"]), 0) + 1
+    counts = Counter(str(t["frames"]) for t in told)
     frames = sum(t["frames"] for t in told)
     exact = [e for t in told for e in t["exact"]]
     return {"own_stories": len(told), "own_frames_per_story": frames / len(told),

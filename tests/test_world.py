@@ -169,8 +169,9 @@ def test_a_story_reads_back_to_its_scenes_until_it_stops_making_sense():
     # a sentence about another shape, or a move onto the friend: unread from there on
     assert read_story(["a big red circle sits at the top left.", "the square grows big.", "the circle turns blue."]) \
         == [Scene((hero,)), None, None]
-    assert read_story(told_text := ["a big red circle sits in the center.", "the red circle meets a small blue square "
-                                    "at the top left.", "the red circle moves to the top left."])[2] is None, told_text
+    blocked = ["a big red circle sits in the center.", "the red circle meets a small blue square at the top left.",
+               "the red circle moves to the top left."]
+    assert read_story(blocked)[2] is None
     assert read_story(["once upon a time.", "the circle grows big."]) == [None, None]
 
 

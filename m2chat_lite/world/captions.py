@@ -138,8 +138,8 @@ def read_story(sentences) -> list[Scene | None]:
     the hero and its place ("once upon a time there was a big red circle at the top left."); each later one
     says one thing that happens to the hero (it moves, grows or shrinks, changes colour) or a friend who
     joins the scene ("the red circle meets a small blue square on the right."). ``None`` from the first
-    sentence that cannot be read, or whose scene cannot be (a move or a friend onto a cell already taken): a story that stops
-    making sense is not scored from there on."""
+    sentence that cannot be read, or whose scene cannot be (a move or a friend onto a cell already taken): a
+    story that stops making sense is not scored from there on."""
     scenes, hero, scene = [], None, None
     for i, sentence in enumerate(sentences):
         text = sentence.lower()
