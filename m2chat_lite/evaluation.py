@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .benchmark import load_benchmark
 from .data import Image, Sample
-from .world import Obj
+from .world import Obj, read_story, score
 from .world.samples import scenes_of
 
 SUITES = ("t2i", "story", "dialog", "chat", "vqa")
@@ -160,8 +160,6 @@ def own_story_scores(sentences: Sequence[str], pictures: Sequence) -> dict:
     """A story the system wrote in its own words, scored against what its own sentences say
     (``world.read_story``): how many frames, how many of them can be read, each read frame's picture against
     its scene (the oracle's exact), and the character kept as in ``metrics.story_scores``."""
-    from .world import read_story, score
-
     scenes = read_story(sentences)
     read = sum(scene is not None for scene in scenes)  # the sentences read are a prefix of the story
     exact = [score(picture, scene)["exact"] for picture, scene in zip(pictures[:read], scenes[:read])]
