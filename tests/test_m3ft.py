@@ -416,6 +416,39 @@ def test_with_a_layout_planner_stage1_also_matches_what_it_reads_from_the_teache
     assert moved.grad.abs().max() > 1e-4 and all(p.grad is None for p in planner.parameters())
 
 
+def test_the_reference_layout_term_asks_the_planner_to_read_the_reference_from_the_visual_branch_alone(tok):
+    examples = m3ft.alignment_examples(6, seed=5)
+    plain_model = system(tok)
+    batch = m3ft.alignment_batch(plain_model, tok, examples)
+    # a generator without a planner has no such term: nothing to read the visual branch with
+    loss, parts = m3ft.stage1_loss(plain_model, batch, generator=torch.Generator().manual_seed(0),
+                                   lambda_reference_layout=1.0)
+    same, _ = m3ft.stage1_loss(plain_model, batch, generator=torch.Generator().manual_seed(0))
+    assert parts["reference_layout"] == 0.0 and loss.item() == pytest.approx(same.item())
+    model = with_planner(system(tok))
+    with torch.no_grad():
+        model.adapter.adaptive_gate.bias.fill_(0.5)  # open, so the fused output differs from the semantic one
+    loss, parts = m3ft.stage1_loss(model, batch, generator=torch.Generator().manual_seed(0), lambda_reference_layout=3.0)
+    plain, parts0 = m3ft.stage1_loss(model, batch, generator=torch.Generator().manual_seed(0))
+    assert parts0["reference_layout"] == 0.0 and parts["reference_layout"] > 0  # computed only when asked for
+    assert loss.item() == pytest.approx(plain.item() + 3.0 * parts["reference_layout"], abs=1e-4)
+    # the term: the planner reading the visual branch's output against its reading of the reference's caption, on
+    # the rows with a reference picture only
+    rows = batch["has_reference"]
+    out = model.condition(batch, return_visual=True)
+    teacher, _ = m3ft.encode_text(model.teacher, model.teacher_tokenizer, batch["reference_captions"])
+    expected = m3ft.layout_matching_loss(D.layout_of(model.unet), out.visual_embeds[rows], teacher[rows])
+    assert parts["reference_layout"] == pytest.approx(expected.item(), abs=1e-5)
+    # its gradient reaches the visual branch and the head, not the semantic branch nor the frozen planner
+    model.adapter.zero_grad()
+    m3ft.stage1_loss(model, batch, lambda_seq=0.0, lambda_pooled=0.0, diffusion_rows=0, lambda_layout=0.0,
+                     lambda_reference_layout=1.0)[0].backward()
+    grads = {n: p.grad for n, p in model.adapter.named_parameters()}
+    assert grads["visual.project.weight"].abs().sum() > 0 and grads["to_sequence.weight"].abs().sum() > 0
+    assert grads["semantic.project.weight"] is None or grads["semantic.project.weight"].abs().sum() == 0
+    assert all(p.grad is None for p in D.layout_of(model.unet).parameters())
+
+
 def test_the_diffusion_term_can_see_only_the_first_rows_of_the_batch(tok):
     model = system(tok)
     batch = m3ft.alignment_batch(model, tok, m3ft.alignment_examples(6, seed=5))
@@ -444,17 +477,21 @@ def test_precomputed_frozen_parts_give_the_same_stage1_loss(tok, planned):
     full = m3ft.alignment_batch(model, tok, examples)
     cached = m3ft.collate_precomputed(m3ft.precompute_alignment(model, tok, examples, batch_size=4))
     assert cached["has_reference"].tolist() == full["has_reference"].tolist()
-    # with a planner, its reading of the teacher is cached too (it is frozen): [B, 9 cells, 2 + 3 + 6 + 2 classes]
-    assert ("teacher_layout" in cached) == planned
+    # with a planner, its readings of the teacher are cached too (it is frozen): [B, 9 cells, 2 + 3 + 6 + 2 classes],
+    # of the caption and of the reference's caption (the caption's own where there is no reference)
+    assert ("teacher_layout" in cached) == ("reference_layout" in cached) == planned
     if planned:
-        assert cached["teacher_layout"].shape == (6, 9, 13)
-        assert torch.allclose(cached["teacher_layout"],
-                              m3ft.layout_targets(D.layout_of(model.unet), cached["teacher_seq"]), atol=1e-6)
+        planner = D.layout_of(model.unet)
+        assert cached["teacher_layout"].shape == cached["reference_layout"].shape == (6, 9, 13)
+        assert torch.allclose(cached["teacher_layout"], m3ft.layout_targets(planner, cached["teacher_seq"]), atol=1e-6)
+        assert torch.allclose(cached["reference_layout"], m3ft.layout_targets(planner, cached["reference_seq"]),
+                              atol=1e-6)
     for rows, reference in ((None, 0.0), (2, 1.0)):
+        weights = {"lambda_reference": reference, "lambda_reference_layout": reference}
         loss, parts = m3ft.stage1_loss(model, full, generator=torch.Generator().manual_seed(0), diffusion_rows=rows,
-                                       lambda_reference=reference)
+                                       **weights)
         again, same = m3ft.stage1_loss(model, cached, generator=torch.Generator().manual_seed(0), diffusion_rows=rows,
-                                       lambda_reference=reference)
+                                       **weights)
         assert again.item() == pytest.approx(loss.item(), abs=1e-5)
         assert same == pytest.approx(parts, abs=1e-5)
 
