@@ -92,7 +92,9 @@ def tiny_rows(device: str, steps: int) -> list[tuple[str, str]]:
         "M³FT stage 1": ("stage1", RECIPE["stage1"]["batch_size"],
                          lambda n: m3ft.alignment_batch(model, tokenizer, aligned(n)),
                          lambda b: m3ft.stage1_loss(model, b, diffusion_rows=RECIPE["stage1"]["diffusion_rows"],
-                                                    lambda_reference=RECIPE["stage1"]["lambda_reference"])[0]),
+                                                    lambda_reference=RECIPE["stage1"]["lambda_reference"],
+                                                    lambda_reference_layout=RECIPE["stage1"]["lambda_reference_layout"]
+                                                    )[0]),
         "M³FT stage 2": ("stage2", RECIPE["stage2"]["batch_size"],
                          lambda n: (fusion.sample_batches(tokenizer, m3ft.stage2_samples(4 * n),
                                                           model.fused.tokens_per_image, n)(0),
