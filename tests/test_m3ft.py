@@ -371,10 +371,15 @@ def test_the_reference_term_asks_the_visual_branch_alone_for_the_reference_pictu
     teacher, _ = m3ft.encode_text(model.teacher, model.teacher_tokenizer, batch["reference_captions"])
     expected = torch.nn.functional.mse_loss(out.visual_embeds[rows], teacher[rows])
     assert parts["reference"] == pytest.approx(expected.item(), abs=1e-6)
-    # its gradient reaches the visual branch and the head, not the semantic branch
+    assert_only_the_visual_branch_learns(model, batch, lambda_reference=1.0)
+
+
+def assert_only_the_visual_branch_learns(model, batch, **weight):
+    """The stage-1 term ``weight`` names, alone: its gradient reaches the visual branch and the output head, not the
+    semantic branch."""
     model.adapter.zero_grad()
     m3ft.stage1_loss(model, batch, lambda_seq=0.0, lambda_pooled=0.0, diffusion_rows=0, lambda_layout=0.0,
-                     lambda_reference=1.0)[0].backward()
+                     **weight)[0].backward()
     grads = {n: p.grad for n, p in model.adapter.named_parameters()}
     assert grads["visual.project.weight"].abs().sum() > 0 and grads["to_sequence.weight"].abs().sum() > 0
     assert grads["semantic.project.weight"] is None or grads["semantic.project.weight"].abs().sum() == 0
@@ -440,12 +445,7 @@ def test_the_reference_layout_term_asks_the_planner_to_read_the_reference_from_t
     expected = m3ft.layout_matching_loss(D.layout_of(model.unet), out.visual_embeds[rows], teacher[rows])
     assert parts["reference_layout"] == pytest.approx(expected.item(), abs=1e-5)
     # its gradient reaches the visual branch and the head, not the semantic branch nor the frozen planner
-    model.adapter.zero_grad()
-    m3ft.stage1_loss(model, batch, lambda_seq=0.0, lambda_pooled=0.0, diffusion_rows=0, lambda_layout=0.0,
-                     lambda_reference_layout=1.0)[0].backward()
-    grads = {n: p.grad for n, p in model.adapter.named_parameters()}
-    assert grads["visual.project.weight"].abs().sum() > 0 and grads["to_sequence.weight"].abs().sum() > 0
-    assert grads["semantic.project.weight"] is None or grads["semantic.project.weight"].abs().sum() == 0
+    assert_only_the_visual_branch_learns(model, batch, lambda_reference_layout=1.0)
     assert all(p.grad is None for p in D.layout_of(model.unet).parameters())
 
 
