@@ -26,13 +26,11 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-import torch
-
 from m2chat_lite.benchmark import load_benchmark
 from m2chat_lite.diffusion import layout_of
-from m2chat_lite.evaluation import messages_of, picture_kinds
+from m2chat_lite.evaluation import messages_of, picture_kinds, pictures_in_order
 from m2chat_lite.pipeline import M2ChatPipeline
-from m2chat_lite.utils import atomic_write_json, autocast_context
+from m2chat_lite.utils import atomic_write_json
 from m2chat_lite.world import read_scene
 from m2chat_lite.world.samples import scenes_of
 
@@ -46,19 +44,14 @@ def record_readings(pipe: M2ChatPipeline) -> list:
     if planner is None:
         raise ValueError("this probe reads scenes with the generator's layout planner, and this generator has none "
                          "(the tiny preset's has one)")
-    readings, draw = [], pipe.draw
+    readings, condition = [], pipe.condition
 
-    def draw_and_read(context, seed: int = 0, **generator_kwargs):
-        batch = pipe._batch(context)
-        reference = context.pictures[-1] if context.pictures else torch.zeros(3, pipe.image_size, pipe.image_size)
-        batch["reference"], batch["has_reference"] = reference[None], torch.tensor([bool(context.pictures)])
-        with torch.no_grad(), autocast_context(pipe.device):
-            condition = pipe.model.condition(batch, return_visual=True)
-        readings.append((planner.read(condition.visual_embeds.float())[0],
-                         planner.read(condition.prompt_embeds.float())[0]))
-        return draw(context, seed, **generator_kwargs)
+    def condition_and_read(context, return_visual: bool = False):
+        output = condition(context, return_visual=True)
+        readings.append((planner.read(output.visual_embeds.float())[0], planner.read(output.prompt_embeds.float())[0]))
+        return output
 
-    pipe.draw = draw_and_read  # on this pipeline only: illustrate() calls self.draw
+    pipe.condition = condition_and_read  # on this pipeline only: draw() conditions through self.condition
     return readings
 
 
@@ -70,22 +63,17 @@ def probe(pipe: M2ChatPipeline, samples, seed: int = 0) -> list[dict]:
     for sample in samples:
         readings.clear()
         messages = pipe.illustrate(messages_of(sample), seed=seed)
-        scenes, kinds = scenes_of(sample), picture_kinds(sample)
-        index, drawn_so_far = 0, 0
-        for message in messages:
-            for segment in message["content"] if not isinstance(message["content"], str) else []:
-                if segment["type"] != "image":
-                    continue
-                if message["role"] == "assistant":
-                    seen, asked = readings[drawn_so_far]
-                    drawn_so_far += 1
-                    if index > 0:
-                        before, after = scenes[index - 1], scenes[index]
-                        drawn = read_scene(segment["image"])
-                        for obj in (o for o in after if o in before.objects):
-                            rows.append({"kind": kinds[index], "object": obj.to_dict(), "seen": obj in seen.objects,
-                                         "asked": obj in asked.objects, "drawn": obj in drawn.objects})
-                index += 1
+        scenes, kinds, read = scenes_of(sample), picture_kinds(sample), iter(readings)
+        for index, (role, segment) in enumerate(pictures_in_order(messages)):
+            if role != "assistant":
+                continue
+            seen, asked = next(read)  # one reading per picture drawn, in order
+            if index == 0:
+                continue
+            before, after, drawn = scenes[index - 1], scenes[index], read_scene(segment["image"])
+            for obj in (o for o in after if o in before.objects):
+                rows.append({"kind": kinds[index], "object": obj.to_dict(), "seen": obj in seen.objects,
+                             "asked": obj in asked.objects, "drawn": obj in drawn.objects})
     return rows
 
 

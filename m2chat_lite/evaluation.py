@@ -86,9 +86,16 @@ def illustrate_two_step(pipe, messages: Sequence[dict], seed: int = 0) -> list[d
     return done
 
 
+def pictures_in_order(messages: Sequence[dict]) -> list[tuple[str, dict]]:
+    """Every picture segment of ``messages`` with the role of its message, ``(role, segment)``, in the order of the
+    conversation: the i-th is the benchmark's i-th scene (``scenes_of``)."""
+    return [(m["role"], s) for m in messages if not isinstance(m["content"], str) for s in m["content"]
+            if s["type"] == "image"]
+
+
 def drawn_pictures(messages: Sequence[dict]) -> list[dict]:
     """The picture segments the assistant drew in ``messages`` (each ``{"image", "gate"}``), in order."""
-    return [s for m in messages if m["role"] == "assistant" for s in m["content"] if s["type"] == "image"]
+    return [s for role, s in pictures_in_order(messages) if role == "assistant"]
 
 
 def _mean(values) -> float | None:
@@ -205,22 +212,17 @@ def eval_dialog(pipe, samples: Sequence[Sample], seed: int = 0, progress: bool =
     for sample in tqdm(samples, desc="dialogues", disable=not progress):
         messages = _illustrate(pipe, sample, seed, two_step)
         scenes, kinds = scenes_of(sample), picture_kinds(sample)
-        index, reference = 0, None
-        for message in messages:
-            for segment in message["content"] if not isinstance(message["content"], str) else []:
-                if segment["type"] != "image":
-                    continue
-                if message["role"] == "assistant":
-                    if index == 0:
-                        first.append(metrics.scene_scores([segment["image"]], [scenes[0]])["exact"])
-                    else:
-                        edits.append({**metrics.edit_scores(segment["image"], scenes[index - 1], scenes[index]),
-                                      "kind": kinds[index], "objects": len(scenes[index]), "reference": reference})
-                        if segment["gate"] is not None:
-                            gates.append(segment["gate"])
-                reference = ("upload" if message["role"] == "user" else
-                             "first drawing" if reference is None else "earlier edit")
-                index += 1
+        reference = None
+        for index, (role, segment) in enumerate(pictures_in_order(messages)):
+            if role == "assistant":
+                if index == 0:
+                    first.append(metrics.scene_scores([segment["image"]], [scenes[0]])["exact"])
+                else:
+                    edits.append({**metrics.edit_scores(segment["image"], scenes[index - 1], scenes[index]),
+                                  "kind": kinds[index], "objects": len(scenes[index]), "reference": reference})
+                    if segment["gate"] is not None:
+                        gates.append(segment["gate"])
+            reference = "upload" if role == "user" else "first drawing" if reference is None else "earlier edit"
 
     def split(key: str, by: str) -> dict:
         return {str(group): _mean(e[key] for e in edits if e[by] == group)

@@ -505,21 +505,23 @@ def precompute_alignment(model: M2ChatModel, tokenizer, examples: Sequence[Align
             with_reference = batch["has_reference"].tolist()
             targets = model.diffusion_targets(batch["target"])
             layouts = layout_targets(planner, teacher_seq) if planner is not None else None
+            # the teacher's reading of each reference's caption, and the planner's of that: one row per reference
             reference_seq = reference_sequences(model, batch).float() if any(with_reference) else None
-            reference_layouts = iter(layout_targets(planner, reference_seq).cpu()) \
+            reference_layouts = layout_targets(planner, reference_seq) \
                 if planner is not None and reference_seq is not None else None
-            reference_seq = iter(reference_seq.cpu()) if reference_seq is not None else None
+            nth_reference = {row: n for n, row in enumerate(r for r, has in enumerate(with_reference) if has)}
             for row, index in enumerate(rows):
                 item = {"states": inputs["states"][row, inputs["state_mask"][row]].cpu(),
                         "visual": inputs["visual"][row].cpu(), "has_reference": bool(inputs["has_reference"][row]),
                         "teacher_seq": teacher_seq[row].float().cpu(), "teacher_pooled": teacher_pooled[row].float().cpu(),
                         "diffusion_target": targets[row].cpu(), "caption": batch["captions"][row]}
                 # a row without a reference has no reference term: its own caption's sequence stands in (shared)
-                item["reference_seq"] = next(reference_seq) if with_reference[row] else item["teacher_seq"]
+                n = nth_reference.get(row)
+                item["reference_seq"] = reference_seq[n].cpu() if n is not None else item["teacher_seq"]
                 if layouts is not None:
                     item["teacher_layout"] = layouts[row].cpu()
                     # the planner's reading of the reference's caption (:func:`stage1_loss`'s reference layout term)
-                    item["reference_layout"] = next(reference_layouts) if with_reference[row] else item["teacher_layout"]
+                    item["reference_layout"] = reference_layouts[n].cpu() if n is not None else item["teacher_layout"]
                 out[chunk_start + index] = item
             bar.update(len(rows))
     bar.close()

@@ -219,16 +219,23 @@ class M2ChatPipeline:
         return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
 
     @torch.no_grad()
-    def draw(self, context: Context, seed: int = 0, **generator_kwargs) -> tuple[torch.Tensor, float]:
-        """The picture (``[3, H, W]`` in [-1, 1]) for the ``[IMG]`` span that ends ``context``, and the
-        adapter's mean gate. The reference is the last picture in ``context`` (none: the gate is 0);
-        ``seed`` fixes the starting noise; ``generator_kwargs`` go to the generator."""
+    def condition(self, context: Context, return_visual: bool = False):
+        """The adapter's output (``m3ft.AdapterOutput``) for the ``[IMG]`` span that ends ``context``: what
+        :meth:`draw` hands the generator. The reference is the last picture in ``context`` (none: the gate is 0);
+        ``return_visual``: the visual branch's output alone too (``visual_embeds``)."""
         batch = self._batch(context)
         reference = context.pictures[-1] if context.pictures else torch.zeros(3, self.image_size, self.image_size)
         batch["reference"] = reference[None]
         batch["has_reference"] = torch.tensor([bool(context.pictures)])
         with autocast_context(self.device):
-            condition = self.model.condition(batch)
+            return self.model.condition(batch, return_visual=return_visual)
+
+    @torch.no_grad()
+    def draw(self, context: Context, seed: int = 0, **generator_kwargs) -> tuple[torch.Tensor, float]:
+        """The picture (``[3, H, W]`` in [-1, 1]) for the ``[IMG]`` span that ends ``context``, and the
+        adapter's mean gate (:meth:`condition`); ``seed`` fixes the starting noise; ``generator_kwargs`` go to
+        the generator."""
+        condition = self.condition(context)
         noise = torch.randn(1, *self.generator.latent_shape, generator=torch.Generator().manual_seed(seed))
         picture = self.generator(prompt_embeds=condition.prompt_embeds.float(),
                                  pooled_prompt_embeds=condition.pooled.float(), latents=noise,
