@@ -93,7 +93,8 @@ def tiny_rows(device: str, steps: int) -> list[tuple[str, str]]:
                          lambda n: m3ft.alignment_batch(model, tokenizer, aligned(n)),
                          lambda b: m3ft.stage1_loss(model, b, diffusion_rows=RECIPE["stage1"]["diffusion_rows"],
                                                     lambda_reference=RECIPE["stage1"]["lambda_reference"],
-                                                    lambda_reference_layout=RECIPE["stage1"]["lambda_reference_layout"]
+                                                    lambda_reference_layout=RECIPE["stage1"]["lambda_reference_layout"],
+                                                    reference_cells_weight=RECIPE["stage1"]["reference_cells_weight"]
                                                     )[0]),
         "M³FT stage 2": ("stage2", RECIPE["stage2"]["batch_size"],
                          lambda n: (fusion.sample_batches(tokenizer, m3ft.stage2_samples(4 * n),

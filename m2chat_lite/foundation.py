@@ -118,7 +118,7 @@ RECIPE = {
     # shares (M2CHAT_RECIPE.md, "Half the alignment pool from dialogues")
     "stage1": {"steps": 1315, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 128,
                "pool_size": 12000, "gate_mode": "adaptive", "lambda_seq": 1.0, "lambda_pooled": 1.0,
-               "lambda_reference": 1.0, "lambda_reference_layout": 1.0,
+               "lambda_reference": 1.0, "lambda_reference_layout": 1.0, "reference_cells_weight": 4.0,
                "diffusion_rows": 1, "cached_steps": 1300, "visual_reads_words": True, "words_from_step": 900,
                "words_lr_ratio": 0.25, "drawn_references": 1.0, "drawing_steps": 3, "drawing_guidance": 3.0,
                "drawing_cpu_bf16": True, "caching_cpu_bf16": True,
@@ -179,7 +179,7 @@ def stage1_recipe_kwargs(steps: int | None, minutes: float | None) -> dict:
     ablations both call it, so they cannot drift apart."""
     r = RECIPE["stage1"]
     return {"diffusion_rows": r["diffusion_rows"], "lambda_reference": r["lambda_reference"],
-            "lambda_reference_layout": r["lambda_reference_layout"],
+            "lambda_reference_layout": r["lambda_reference_layout"], "reference_cells_weight": r["reference_cells_weight"],
             "cached_steps": stage1_cached_steps(steps, minutes),
             "words_from_step": stage1_words_from_step(steps, minutes), "words_lr_ratio": r["words_lr_ratio"],
             "drawn_references": r["drawn_references"], "drawing_steps": r["drawing_steps"],

@@ -449,6 +449,45 @@ def test_the_reference_layout_term_asks_the_planner_to_read_the_reference_from_t
     assert all(p.grad is None for p in D.layout_of(model.unet).parameters())
 
 
+def test_the_output_layout_term_can_weigh_more_on_the_cells_of_the_picture_before(tok):
+    model = with_planner(system(tok))
+    planner = D.layout_of(model.unet)
+    examples = m3ft.alignment_examples(8, seed=5)
+    batch = m3ft.alignment_batch(model, tok, examples)
+    cached = m3ft.collate_precomputed(m3ft.precompute_alignment(model, tok, examples, batch_size=4))
+    rows = batch["has_reference"]
+    assert rows.any() and not rows.all()
+    # the cells: where the planner reads an object in the reference's caption; none on a row without a reference
+    cells = m3ft.reference_cells(model, batch)
+    assert cells.shape == (8, 9) and cells.dtype == torch.bool and not cells[~rows].any()
+    teacher, _ = m3ft.encode_text(model.teacher, model.teacher_tokenizer, batch["reference_captions"])
+    present, *_ = planner.logits(teacher[rows])
+    assert torch.equal(cells[rows], present.argmax(-1) == 1)
+    assert torch.equal(m3ft.reference_cells(model, cached), cells)  # the cache's readings give the same cells
+    # all weights 1 is the plain term
+    out = model.condition(batch)
+    student, target = out.prompt_embeds.detach(), m3ft.encode_text(model.teacher, model.teacher_tokenizer,
+                                                                   batch["captions"])[0]
+    plain = m3ft.layout_matching_loss(planner, student, target)
+    assert m3ft.layout_matching_loss(planner, student, target, cell_weights=torch.ones(8, 9)).item() == \
+        pytest.approx(plain.item(), abs=1e-6)
+    # in the stage-1 loss: the layout term with those cells counted 1 + w times, nothing else changed
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    _, parts0 = m3ft.stage1_loss(model, batch, generator=g())
+    loss, parts = m3ft.stage1_loss(model, batch, generator=g(), reference_cells_weight=4.0)
+    expected = m3ft.layout_matching_loss(planner, student, target, cell_weights=1.0 + 4.0 * cells.float())
+    assert parts["layout"] == pytest.approx(expected.item(), abs=1e-5) and parts["layout"] != parts0["layout"]
+    assert {k: v for k, v in parts.items() if k != "layout"} == pytest.approx(
+        {k: v for k, v in parts0.items() if k != "layout"}, abs=1e-6)
+    again, same = m3ft.stage1_loss(model, cached, generator=g(), reference_cells_weight=4.0)
+    assert again.item() == pytest.approx(loss.item(), abs=1e-5) and same == pytest.approx(parts, abs=1e-5)
+    # a batch with no reference picture: the weight changes nothing
+    captions = [i for i, has in enumerate(rows.tolist()) if not has]
+    first = m3ft.alignment_batch(model, tok, [examples[i] for i in captions])
+    assert m3ft.stage1_loss(model, first, generator=g(), reference_cells_weight=4.0)[1] == pytest.approx(
+        m3ft.stage1_loss(model, first, generator=g())[1], abs=1e-6)
+
+
 def test_the_diffusion_term_can_see_only_the_first_rows_of_the_batch(tok):
     model = system(tok)
     batch = m3ft.alignment_batch(model, tok, m3ft.alignment_examples(6, seed=5))
