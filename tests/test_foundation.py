@@ -188,6 +188,7 @@ def test_the_cli_and_the_ablations_take_stage1s_budget_knobs_from_one_place():
     assert set(kwargs) <= set(inspect.signature(train_stage1).parameters)  # each one a keyword of train_stage1
     assert kwargs == {"diffusion_rows": r["diffusion_rows"], "lambda_reference": r["lambda_reference"],
                       "lambda_reference_layout": r["lambda_reference_layout"],
+                      "reference_cells_weight": r["reference_cells_weight"],
                       "cached_steps": r["cached_steps"] * (r["steps"] // 5) // r["steps"],
                       "words_from_step": r["words_from_step"] * (r["steps"] // 5) // r["steps"],
                       "words_lr_ratio": r["words_lr_ratio"], "drawn_references": r["drawn_references"],
