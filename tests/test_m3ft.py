@@ -471,6 +471,10 @@ def test_the_output_layout_term_can_weigh_more_on_the_cells_of_the_picture_befor
     plain = m3ft.layout_matching_loss(planner, student, target)
     assert m3ft.layout_matching_loss(planner, student, target, cell_weights=torch.ones(8, 9)).item() == \
         pytest.approx(plain.item(), abs=1e-6)
+    # each row keeps its total weight: weighing all of a row's cells alike changes nothing, whatever the factor
+    per_row = torch.arange(1.0, 9.0)[:, None].expand(8, 9)
+    assert m3ft.layout_matching_loss(planner, student, target, cell_weights=per_row).item() == \
+        pytest.approx(plain.item(), abs=1e-5)
     # in the stage-1 loss: the layout term with those cells counted 1 + w times, nothing else changed
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     _, parts0 = m3ft.stage1_loss(model, batch, generator=g())
