@@ -618,30 +618,35 @@ def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda
     l_pooled = F.mse_loss(condition.pooled, teacher_pooled)
     loss = l_diffusion + lambda_seq * l_seq + lambda_pooled * l_pooled
     planner = layout_of(model.unet)
-    cached_layout = batch["teacher_layout"].to(device) if "teacher_layout" in batch else None
-    cell_weights = None
-    if reference_cells_weight and planner is not None:
-        cell_weights = 1.0 + reference_cells_weight * reference_cells(model, batch).float()
-    l_layout = layout_matching_loss(planner, condition.prompt_embeds, teacher_seq, cached_layout, cell_weights) \
-        if planner is not None else condition.prompt_embeds.new_zeros(())  # logged even when λ3 = 0
-    loss = loss + lambda_layout * l_layout
     has_reference = batch["has_reference"].to(device)
-    l_reference = condition.prompt_embeds.new_zeros(())  # logged even when λ4 = 0, as the layout term is
-    l_reference_layout = condition.prompt_embeds.new_zeros(())  # logged when λ5 > 0 (it costs a planner pass)
+    # the reference's caption as the teacher reads it and, where a term needs it, as the planner reads that: once
+    reference_seq = reference_layout = None
     if bool(has_reference.any()):
         if "reference_seq" in batch:
             reference_seq = batch["reference_seq"].to(device)[has_reference]
         else:
             with torch.no_grad():
                 reference_seq = reference_sequences(model, batch)
+        if planner is not None and (lambda_reference_layout or reference_cells_weight):
+            reference_layout = batch["reference_layout"].to(device)[has_reference] if "reference_layout" in batch \
+                else layout_targets(planner, reference_seq)
+    cached_layout = batch["teacher_layout"].to(device) if "teacher_layout" in batch else None
+    cell_weights = None
+    if reference_cells_weight and planner is not None:
+        cell_weights = 1.0 + reference_cells_weight * reference_cells(model, batch, reference_layout).float()
+    l_layout = layout_matching_loss(planner, condition.prompt_embeds, teacher_seq, cached_layout, cell_weights) \
+        if planner is not None else condition.prompt_embeds.new_zeros(())  # logged even when λ3 = 0
+    loss = loss + lambda_layout * l_layout
+    l_reference = condition.prompt_embeds.new_zeros(())  # logged even when λ4 = 0, as the layout term is
+    l_reference_layout = condition.prompt_embeds.new_zeros(())  # logged when λ5 > 0 (it costs a planner pass)
+    if reference_seq is not None:
         visual = condition.visual_embeds[has_reference]
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(lambda_reference)):
             l_reference = F.mse_loss(visual, reference_seq)
         if lambda_reference:
             loss = loss + lambda_reference * l_reference
         if lambda_reference_layout and planner is not None:
-            cached = batch["reference_layout"].to(device)[has_reference] if "reference_layout" in batch else None
-            l_reference_layout = layout_matching_loss(planner, visual, reference_seq, cached)
+            l_reference_layout = layout_matching_loss(planner, visual, reference_seq, reference_layout)
             loss = loss + lambda_reference_layout * l_reference_layout
     gate = condition.gate[has_reference]
     parts = {"diffusion": l_diffusion.item(), "seq_mse": l_seq.item(), "pooled_mse": l_pooled.item(),
@@ -657,14 +662,18 @@ def layout_targets(planner, teacher_seq: torch.Tensor) -> torch.Tensor:
         return torch.cat([x.float().softmax(-1) for x in planner.logits(teacher_seq)], dim=-1)
 
 
-def reference_cells(model: M2ChatModel, batch: dict) -> torch.Tensor:
+def reference_cells(model: M2ChatModel, batch: dict, reference_layout: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, 9]``: True at the cells where the layout planner reads an object in the reference picture's caption
-    (the picture before: what an edit keeps, changes or moves away), False everywhere on a row without one."""
+    (the picture before: what an edit keeps, changes or moves away), False everywhere on a row without one.
+    ``reference_layout``: that reading (:func:`layout_targets`) of the rows with a reference, when already made."""
     has_reference = batch["has_reference"].to(model.device)
     cells = torch.zeros(len(has_reference), GRID * GRID, dtype=torch.bool, device=model.device)
     if bool(has_reference.any()):
-        layout = batch["reference_layout"].to(model.device)[has_reference] if "reference_layout" in batch else \
-            layout_targets(layout_of(model.unet), reference_sequences(model, batch).float())
+        layout = reference_layout
+        if layout is None and "reference_layout" in batch:  # cached by precompute_alignment
+            layout = batch["reference_layout"].to(model.device)[has_reference]
+        elif layout is None:
+            layout = layout_targets(layout_of(model.unet), reference_sequences(model, batch).float())
         cells[has_reference] = layout[..., :len(ATTRIBUTES["present"])].argmax(-1) == 1
     return cells
 
