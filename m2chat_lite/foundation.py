@@ -147,7 +147,8 @@ RECIPE = {
     # answered 96.7% in half as much time again (M2CHAT_RECIPE.md, "A stage 2 that keeps fusion's answers" and
     # "Stage 2's LoRA, part of the way back"). `lr`: at 1.5e-3 two seeds answered 99.0% and 98.3% of the test questions
     # (the recipe's 95.3% and 98.3%) but kept 90.5% and 92.3% of the untouched objects (95.2% and 91.7%); two seeds
-    # cannot tell the rate from the seed, which moves both by 3-5 points (M2CHAT_RECIPE.md, "Stage 2's seed decides which bar it meets")
+    # cannot tell the rate from the seed, which moves both by 3-5 points (M2CHAT_RECIPE.md, "Stage 2's seed decides
+    # which bar it meets")
     "stage2": {"steps": 280, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
                "pool_size": 6000, "alignment_weight": 1.0, "alignment_batch_size": 8, "diffusion_rows": 0,
                "mix": {"story": 0.275, "dialogue": 0.275, "vqa": 0.45}, "per_conversation": True,
