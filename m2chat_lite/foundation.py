@@ -145,9 +145,9 @@ RECIPE = {
     # toward prompt fusion's (m3ft.retention_loss, a KL to a frozen copy of the fused LM as stage 2 found it). Off: at
     # 10 two one-thread seeds answered 97.7% for replies less often word for word, and at 4 the CLI's 2-thread run
     # answered 96.7% in half as much time again (M2CHAT_RECIPE.md, "A stage 2 that keeps fusion's answers" and
-    # "Stage 2's LoRA, part of the way back"). `lr`: at 1.5e-3 two seeds answered 99.0% and 98.3% of the test questions
-    # (the recipe's 95.3% and 98.3%) but kept 90.5% and 92.3% of the untouched objects (95.2% and 91.7%); two seeds
-    # cannot tell the rate from the seed, which moves both by 3-5 points (M2CHAT_RECIPE.md, "Stage 2's seed decides
+    # "Stage 2's LoRA, part of the way back"). `lr`: at 1.5e-3 three seeds answered 99.0, 98.3 and 97.0% of the test
+    # questions (the recipe's 95.3, 98.3 and 97.3%) but kept 90.5, 92.3 and 88.7% of the untouched objects (95.2, 91.7
+    # and 90.5%); the seed alone moves both by up to 3-4 points (M2CHAT_RECIPE.md, "Stage 2's seed decides
     # which bar it meets")
     "stage2": {"steps": 280, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "batch_size": 32,
                "pool_size": 6000, "alignment_weight": 1.0, "alignment_batch_size": 8, "diffusion_rows": 0,
