@@ -628,8 +628,7 @@ def stage1_loss(model: M2ChatModel, batch: dict, lambda_seq: float = 1.0, lambda
             with torch.no_grad():
                 reference_seq = reference_sequences(model, batch)
         if planner is not None and (lambda_reference_layout or reference_cells_weight):
-            reference_layout = batch["reference_layout"].to(device)[has_reference] if "reference_layout" in batch \
-                else layout_targets(planner, reference_seq)
+            reference_layout = reference_layouts(model, batch, reference_seq)
     cached_layout = batch["teacher_layout"].to(device) if "teacher_layout" in batch else None
     cell_weights = None
     if reference_cells_weight and planner is not None:
@@ -669,13 +668,20 @@ def reference_cells(model: M2ChatModel, batch: dict, reference_layout: torch.Ten
     has_reference = batch["has_reference"].to(model.device)
     cells = torch.zeros(len(has_reference), GRID * GRID, dtype=torch.bool, device=model.device)
     if bool(has_reference.any()):
-        layout = reference_layout
-        if layout is None and "reference_layout" in batch:  # cached by precompute_alignment
-            layout = batch["reference_layout"].to(model.device)[has_reference]
-        elif layout is None:
-            layout = layout_targets(layout_of(model.unet), reference_sequences(model, batch).float())
+        layout = reference_layout if reference_layout is not None else reference_layouts(model, batch)
         cells[has_reference] = layout[..., :len(ATTRIBUTES["present"])].argmax(-1) == 1
     return cells
+
+
+def reference_layouts(model: M2ChatModel, batch: dict, reference_seq: torch.Tensor | None = None) -> torch.Tensor:
+    """The layout planner's reading (:func:`layout_targets`) of the reference pictures' captions, for the rows
+    with a reference: cached by :func:`precompute_alignment`, or read from ``reference_seq`` (the teacher's
+    sequences of those captions, :func:`reference_sequences` when not given)."""
+    if "reference_layout" in batch:
+        return batch["reference_layout"].to(model.device)[batch["has_reference"].to(model.device)]
+    if reference_seq is None:
+        reference_seq = reference_sequences(model, batch)
+    return layout_targets(layout_of(model.unet), reference_seq.float())
 
 
 def layout_matching_loss(planner, prompt_embeds: torch.Tensor, teacher_seq: torch.Tensor,
