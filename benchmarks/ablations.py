@@ -12,9 +12,10 @@ stage 2 only, both stages, both stages with stage 2 on the LM loss alone, one jo
 ``max(steps, stage2-steps)`` steps), scored on the written
 side too (``--questions`` visual questions). Every variant trains with the recipe's settings
 (``foundation.RECIPE``: its learning rates, the diffusion term's rows, stage 1's share of cached steps), so it
-differs from the recipe only where its name says. ``--steps 1315 --stage2-steps 280`` is the shipped budget (``RECIPE``);
-shorter runs are comparable with each other, not with the shipped system. ``--only`` reruns some M³FT variants after a change
-that touches only them and keeps the file's other rows (the file's ``meta.rerun`` says which and how).
+differs from the recipe only where its name says. ``--steps 1315 --stage2-steps 280`` is the shipped budget
+(``RECIPE``); shorter runs are comparable with each other, not with the shipped system. ``--only`` reruns some M³FT
+variants after a change that touches only them and keeps the file's other rows (the file's ``meta.rerun`` says
+which and how).
 """
 
 from __future__ import annotations

@@ -117,8 +117,8 @@ RECIPE = {
     # the words open at 900, was 1,100)
     # (M2CHAT_RECIPE.md, "The picture before is the system's own" and "Drawn references join the recipe").
     # `steps`: the adapter underfits in this budget. 2,000 steps, or three cross-attention blocks per branch at 1,315,
-    # drew 95.1% of what the test edits keep at stage 1 against 89.4% for the shipped run, but would cost an estimated 170-280 s that the
-    # 15-minute bar does not have (M2CHAT_RECIPE.md, "Kept is set by stage 1's adapter").
+    # drew 95.1% of what the test edits keep at stage 1 against 89.4% for the shipped run, but would cost an
+    # estimated 170-280 s that the 15-minute bar does not have (M2CHAT_RECIPE.md, "Kept is set by stage 1's adapter").
     # `tasks`: the pool's shares of captions, stories and dialogues (m3ft.alignment_examples; was a third each). Half
     # from dialogues, whose edits are where untouched objects are lost; stage 2's alignment term draws from the same
     # shares (M2CHAT_RECIPE.md, "Half the alignment pool from dialogues")
