@@ -119,6 +119,8 @@ RECIPE = {
     # `steps`: the adapter underfits in this budget. 2,000 steps, or three cross-attention blocks per branch at 1,315,
     # drew 95.1% of what the test edits keep at stage 1 against 89.4% for the shipped run, but would cost an
     # estimated 170-280 s that the 15-minute bar does not have (M2CHAT_RECIPE.md, "Kept is set by stage 1's adapter").
+    # Through stage 2 those stage 1s kept 93.5-94.6% in five runs, none 95% (M2CHAT_RECIPE.md, "More stage-1 compute
+    # is not enough either").
     # `tasks`: the pool's shares of captions, stories and dialogues (m3ft.alignment_examples; was a third each). Half
     # from dialogues, whose edits are where untouched objects are lost; stage 2's alignment term draws from the same
     # shares (M2CHAT_RECIPE.md, "Half the alignment pool from dialogues")
