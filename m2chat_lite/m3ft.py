@@ -66,6 +66,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -764,6 +765,20 @@ def interpolate_lora(fused: FusedLM, start: dict[str, torch.Tensor], keep: float
         params[name].copy_(torch.lerp(value.to(params[name]), params[name], keep))
 
 
+def lora_drift(fused: FusedLM, start: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How far the LoRA of ``fused`` has moved from ``start`` (:func:`lora_weights`, taken before stage 2): the
+    squared distance Σ‖p − p₀‖² over its weights, differentiable. Stage 2's L2-SP term (Li et al., "Explicit
+    inductive bias for transfer learning with convolutional networks", 2018): where :func:`interpolate_lora`
+    moves the LoRA back once it is trained, this pulls it toward the start at every step, so stage 2 learns
+    stories and dialogues in the directions that cost the visual questions least."""
+    params = {name: param for name, param in fused.named_parameters() if "lora_" in name}
+    if set(params) != set(start):
+        missing = sorted(set(start) ^ set(params))
+        raise ValueError(f"start and the model's LoRA do not match (first: {missing[0]}); take start with "
+                         "lora_weights(fused) on the same model")
+    return sum(((param - start[name].to(param)) ** 2).sum() for name, param in params.items())
+
+
 def retention_loss(model: M2ChatModel, teacher: FusedLM, batch: dict) -> torch.Tensor:
     """How far the LM has moved from ``teacher`` (a :func:`frozen_copy` of prompt fusion, taken where stage 2
     starts) on the assistant's tokens of ``batch``: KL(teacher ‖ model) between their next-token distributions,
@@ -782,10 +797,12 @@ def stage2_objective(model: M2ChatModel, instruction: dict, aligned: dict | None
                      alignment_weight: float = 1.0, lambda_seq: float = 1.0, lambda_pooled: float = 1.0,
                      diffusion_rows: int | None = None,
                      per_conversation: bool = False, retained: dict | None = None, teacher: FusedLM | None = None,
-                     retention_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                     retention_weight: float = 0.0, anchor: dict[str, torch.Tensor] | None = None,
+                     anchor_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """What a stage-2 step minimises: :func:`stage2_loss` on an ``instruction`` batch, plus
     ``alignment_weight`` × :func:`stage1_loss` on an ``aligned`` batch (:func:`alignment_batch`), plus
-    ``retention_weight`` × :func:`retention_loss` to ``teacher`` on a ``retained`` batch (visual questions). The
+    ``retention_weight`` × :func:`retention_loss` to ``teacher`` on a ``retained`` batch (visual questions), plus
+    ``anchor_weight`` × :func:`lora_drift` from ``anchor`` (L2-SP: the LoRA's distance from fusion's). The
     adapter is frozen in stage 2, so the second term only moves the LoRA: it keeps the states the adapter reads.
     That term is :func:`stage1_loss` with its defaults (teacher matching, diffusion and layout), without the recipe's
     reference terms and cell weights: with them, two stage-2 seeds kept no more of the untouched objects an edit
@@ -805,6 +822,13 @@ def stage2_objective(model: M2ChatModel, instruction: dict, aligned: dict | None
         l_retained = retention_loss(model, teacher, retained)
         loss = loss + retention_weight * l_retained
         parts["retention"] = l_retained.item()
+    if anchor_weight:
+        if anchor is None:
+            raise ValueError("anchor_weight needs the LoRA it pulls toward: pass anchor=lora_weights(model.fused), "
+                             "taken before stage 2 trains")
+        drift = lora_drift(model.fused, anchor)
+        loss = loss + anchor_weight * drift
+        parts["anchor_drift"] = drift.item()
     return loss, parts
 
 
@@ -909,7 +933,8 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
                  lambda_seq: float = 1.0, lambda_pooled: float = 1.0, diffusion_rows: int | None = None,
                  mix: dict[str, float] | None = None, per_conversation: bool = False,
                  alignment_tasks: Sequence[str] | dict[str, float] | None = None, retention_weight: float = 0.0,
-                 retention_batch_size: int | None = None, lora_keep: float = 1.0) -> TrainResult:
+                 retention_batch_size: int | None = None, lora_keep: float = 1.0,
+                 anchor_weight: float = 0.0) -> TrainResult:
     """Stage 2 with the shared loop: LoRA, projector and fusion gate learn; the adapter is frozen. The data
     is ``pool_size`` ShapeWorld stories, dialogues and questions (shares from ``mix``, as
     :func:`stage2_samples`), or ``samples`` (real data). Each step adds
@@ -925,9 +950,14 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
     stay close to fusion's.
 
     ``lora_keep`` (below 1): once trained, the LoRA is moved back toward fusion's, keeping that share of what stage
-    2 changed (:func:`interpolate_lora`, WiSE-FT); the projector and gates stay as trained."""
+    2 changed (:func:`interpolate_lora`, WiSE-FT); the projector and gates stay as trained.
+
+    ``anchor_weight`` (L2-SP): each step also adds that weight × the LoRA's squared distance from fusion's
+    (:func:`lora_drift`), logged as ``anchor_drift``; 0 (off) changes nothing."""
     if not 0.0 <= lora_keep <= 1.0:
         raise ValueError(f"lora_keep must be between 0 and 1 (1: stage 2's LoRA as trained), got {lora_keep!r}")
+    if not (anchor_weight >= 0.0 and math.isfinite(anchor_weight)):
+        raise ValueError(f"anchor_weight must be 0 (off) or more, got {anchor_weight!r}")
     set_stage(model, "stage2", train_adapter_gate)
     model.to(device)
     if samples is not None and examples is None:  # real data: align on the pictures it draws
@@ -952,7 +982,8 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
         retention = sample_batches(tokenizer, questions, model.fused.tokens_per_image, retention_batch_size,
                                    model.image_size, seed=train_config.seed + 1)
         teacher = frozen_copy(model.fused)  # before any step, and before a resumed run loads its state
-    start = lora_weights(model.fused) if lora_keep < 1 else None  # fusion's, as the teacher is
+    # fusion's LoRA, as the teacher is: before any step, and before a resumed run loads its state
+    start = lora_weights(model.fused) if lora_keep < 1 or anchor_weight else None
     last_parts: dict[str, float] = {}
 
     def make_batch(step: int) -> tuple[dict, dict | None, dict | None]:
@@ -963,7 +994,7 @@ def train_stage2(model: M2ChatModel, tokenizer, train_config: TrainConfig, batch
         instruction, aligned, retained = batch
         loss, parts = stage2_objective(model, instruction, aligned, alignment_weight, lambda_seq, lambda_pooled,
                                        diffusion_rows, per_conversation, retained=retained, teacher=teacher,
-                                       retention_weight=retention_weight)
+                                       retention_weight=retention_weight, anchor=start, anchor_weight=anchor_weight)
         last_parts.update(parts)
         return loss
 

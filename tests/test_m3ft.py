@@ -317,6 +317,48 @@ def test_stage_2_with_lora_keep_ends_part_of_the_way_from_its_start(tok):
         m3ft.train_stage2(system(tok), tok, config, batch_size=4, pool_size=12, progress=False, lora_keep=-0.1)
 
 
+def test_lora_drift_is_the_squared_distance_from_the_start_and_trains_the_lora(tok):
+    model = system(tok)
+    m3ft.set_stage(model, "stage2")
+    start = m3ft.lora_weights(model.fused)
+    assert m3ft.lora_drift(model.fused, start).item() == 0.0
+    with torch.no_grad():
+        for name, param in model.fused.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.1)
+    expected = sum(model.fused.get_parameter(name).numel() * 0.01 for name in start if "lora_B" in name)
+    drift = m3ft.lora_drift(model.fused, start)
+    assert drift.item() == pytest.approx(expected, rel=1e-4)
+    drift.backward()
+    for name, param in model.fused.named_parameters():
+        if "lora_B" in name:  # d/dp (p - p0)^2 = 2 (p - p0)
+            assert torch.allclose(param.grad, torch.full_like(param, 0.2), atol=1e-5), name
+    with pytest.raises(ValueError, match="do not match"):
+        m3ft.lora_drift(model.fused, dict(list(start.items())[1:]))
+    instruction = fusion.sample_batches(tok, make_samples("story", 2), model.fused.tokens_per_image, 2)(0)
+    loss, parts = m3ft.stage2_objective(model, instruction, anchor=start, anchor_weight=3.0)
+    assert parts["anchor_drift"] == pytest.approx(expected, rel=1e-4)
+    assert loss.item() == pytest.approx(parts["lm"] + 3.0 * parts["anchor_drift"], rel=1e-5)
+    with pytest.raises(ValueError, match="lora_weights"):
+        m3ft.stage2_objective(model, instruction, anchor_weight=1.0)
+
+
+def test_stage_2_with_an_anchor_moves_the_lora_less_and_logs_the_drift(tok):
+    config = TrainConfig(max_steps=4, lr=1e-2, warmup_steps=1, log_every=1)
+    drifts = {}
+    for weight in (0.0, 100.0):
+        torch.manual_seed(0)
+        model = system(tok)
+        start = m3ft.lora_weights(model.fused)
+        result = m3ft.train_stage2(model, tok, config, batch_size=4, pool_size=12, progress=False, alignment_weight=0,
+                                   anchor_weight=weight)
+        drifts[weight] = m3ft.lora_drift(model.fused, start).item()
+        assert ("anchor_drift" in result.history[-1]) == bool(weight)
+    assert 0 < drifts[100.0] < drifts[0.0]
+    with pytest.raises(ValueError, match="anchor_weight"):
+        m3ft.train_stage2(system(tok), tok, config, batch_size=4, pool_size=12, progress=False, anchor_weight=-1.0)
+
+
 def test_stage_2_on_real_data_without_drawn_pictures_says_what_to_do(tok):
     model = system(tok)
     questions = make_samples("vqa", 6)  # the assistant answers in words: nothing to keep aligned
