@@ -80,6 +80,7 @@ def tiny_rows(device: str, steps: int) -> list[tuple[str, str]]:
     model, tokenizer = pipe.model, pipe.tokenizer
     rows = []
     shipped = {k: v.clone() for k, v in model.state_dict().items()}  # the training steps below move the weights
+    anchor = m3ft.lora_weights(model.fused)  # stage 2's L2-SP term pulls the LoRA toward where it started
 
     stage_batches = {
         # the recipe's step: the visual questions and the rows of the LM's own conversations it rehearses
@@ -102,7 +103,9 @@ def tiny_rows(device: str, steps: int) -> list[tuple[str, str]]:
                                     m3ft.alignment_batch(model, tokenizer,
                                                          aligned(RECIPE["stage2"]["alignment_batch_size"]))),
                          lambda b: m3ft.stage2_objective(model, *b,
-                                                         diffusion_rows=RECIPE["stage2"]["diffusion_rows"])[0]),
+                                                         diffusion_rows=RECIPE["stage2"]["diffusion_rows"],
+                                                         anchor=anchor,
+                                                         anchor_weight=RECIPE["stage2"]["anchor_weight"])[0]),
     }
     model.train()
     for name, (stage, batch_size, make, loss_fn) in stage_batches.items():
