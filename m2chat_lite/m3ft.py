@@ -51,7 +51,10 @@ the term keeps only its teacher-matching (MSE) parts and the generator is not ru
 ``retention_weight`` (0 in the shipped recipe) one more term, :func:`retention_loss`, keeps the answers to visual
 questions close to those of prompt fusion, the model stage 2 starts from. With ``lora_keep`` below 1 (1 in the
 shipped recipe) the LoRA goes part of the way back to fusion's once stage 2 is done (:func:`interpolate_lora`,
-WiSE-FT): the answers come back, and the stories the system writes in its own words get shorter.
+WiSE-FT): the answers come back, and the stories the system writes in its own words get shorter. With
+``anchor_weight`` (0.003 in the shipped recipe) each step adds the LoRA's squared distance from fusion's
+(:func:`lora_drift`, L2-SP), so stage 2 learns where it costs the questions least (notebook 08, "An anchor on the
+LoRA").
 
 ``trainable_groups(stage)`` names each stage's parameters; ``check_disjoint`` proves the two stages share
 none (tested, with a test that frozen weights do not move).
