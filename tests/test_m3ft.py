@@ -300,21 +300,27 @@ def test_interpolate_lora_moves_only_the_lora_part_of_the_way_back(tok):
         m3ft.interpolate_lora(model.fused, dict(list(start.items())[1:]), 0.5)
 
 
+def short_stage2(tok, steps: int, **kwargs):
+    """A few stage-2 steps on a fresh tiny system, seeded: the model, its LoRA before, and the run's result."""
+    torch.manual_seed(0)
+    model = system(tok)
+    start = m3ft.lora_weights(model.fused)
+    config = TrainConfig(max_steps=steps, lr=1e-2, warmup_steps=1, log_every=1)
+    result = m3ft.train_stage2(model, tok, config, batch_size=4, pool_size=12, progress=False, alignment_weight=0,
+                               **kwargs)
+    return model, start, result
+
+
 def test_stage_2_with_lora_keep_ends_part_of_the_way_from_its_start(tok):
-    config = TrainConfig(max_steps=2, lr=1e-2, warmup_steps=1, log_every=1)
     runs = {}
     for keep in (1.0, 0.5):
-        torch.manual_seed(0)
-        model = system(tok)
-        start = m3ft.lora_weights(model.fused)
-        m3ft.train_stage2(model, tok, config, batch_size=4, pool_size=12, progress=False, alignment_weight=0,
-                          lora_keep=keep)
+        model, start, _ = short_stage2(tok, 2, lora_keep=keep)
         runs[keep] = m3ft.lora_weights(model.fused)
     for name, value in start.items():  # the same training, then half of its change kept
         assert torch.allclose(runs[0.5][name], value + 0.5 * (runs[1.0][name] - value), atol=1e-6), name
     assert any(not torch.equal(runs[1.0][name], value) for name, value in start.items())
     with pytest.raises(ValueError, match="lora_keep"):
-        m3ft.train_stage2(system(tok), tok, config, batch_size=4, pool_size=12, progress=False, lora_keep=-0.1)
+        short_stage2(tok, 1, lora_keep=-0.1)
 
 
 def test_lora_drift_is_the_squared_distance_from_the_start_and_trains_the_lora(tok):
@@ -344,19 +350,14 @@ def test_lora_drift_is_the_squared_distance_from_the_start_and_trains_the_lora(t
 
 
 def test_stage_2_with_an_anchor_moves_the_lora_less_and_logs_the_drift(tok):
-    config = TrainConfig(max_steps=4, lr=1e-2, warmup_steps=1, log_every=1)
     drifts = {}
     for weight in (0.0, 100.0):
-        torch.manual_seed(0)
-        model = system(tok)
-        start = m3ft.lora_weights(model.fused)
-        result = m3ft.train_stage2(model, tok, config, batch_size=4, pool_size=12, progress=False, alignment_weight=0,
-                                   anchor_weight=weight)
+        model, start, result = short_stage2(tok, 4, anchor_weight=weight)
         drifts[weight] = m3ft.lora_drift(model.fused, start).item()
         assert ("anchor_drift" in result.history[-1]) == bool(weight)
     assert 0 < drifts[100.0] < drifts[0.0]
     with pytest.raises(ValueError, match="anchor_weight"):
-        m3ft.train_stage2(system(tok), tok, config, batch_size=4, pool_size=12, progress=False, anchor_weight=-1.0)
+        short_stage2(tok, 1, anchor_weight=-1.0)
 
 
 def test_stage_2_on_real_data_without_drawn_pictures_says_what_to_do(tok):
