@@ -759,13 +759,17 @@ def interpolate_lora(fused: FusedLM, start: dict[str, torch.Tensor], keep: float
     gate keep what stage 2 made of them: put back, the answers to "how many" fell from 100% to 73%."""
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"keep must be between 0 and 1 (1: stage 2's LoRA as trained), got {keep!r}")
-    params = dict(fused.named_parameters())
-    missing = sorted(set(start) - set(params)) or sorted(name for name in params if "lora_" in name and name not in start)
-    if missing:
-        raise ValueError(f"start and the model's LoRA do not match (first: {missing[0]}); take start with "
-                         "lora_weights(fused) on the same model")
-    for name, value in start.items():
-        params[name].copy_(torch.lerp(value.to(params[name]), params[name], keep))
+    for name, param in _lora_like(fused, start).items():
+        param.copy_(torch.lerp(start[name].to(param), param, keep))
+
+
+def _lora_like(fused: FusedLM, start: dict[str, torch.Tensor]) -> dict[str, torch.nn.Parameter]:
+    """The LoRA weights of ``fused`` by name, checked to be the ones ``start`` holds (:func:`lora_weights`)."""
+    params = {name: param for name, param in fused.named_parameters() if "lora_" in name}
+    if set(params) != set(start):
+        raise ValueError(f"start and the model's LoRA do not match (first: {sorted(set(start) ^ set(params))[0]}); "
+                         "take start with lora_weights(fused) on the same model")
+    return params
 
 
 def lora_drift(fused: FusedLM, start: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -774,12 +778,7 @@ def lora_drift(fused: FusedLM, start: dict[str, torch.Tensor]) -> torch.Tensor:
     inductive bias for transfer learning with convolutional networks", 2018): where :func:`interpolate_lora`
     moves the LoRA back once it is trained, this pulls it toward the start at every step, so stage 2 learns
     stories and dialogues in the directions that cost the visual questions least."""
-    params = {name: param for name, param in fused.named_parameters() if "lora_" in name}
-    if set(params) != set(start):
-        missing = sorted(set(start) ^ set(params))
-        raise ValueError(f"start and the model's LoRA do not match (first: {missing[0]}); take start with "
-                         "lora_weights(fused) on the same model")
-    return sum(((param - start[name].to(param)) ** 2).sum() for name, param in params.items())
+    return sum(((param - start[name].to(param)) ** 2).sum() for name, param in _lora_like(fused, start).items())
 
 
 def retention_loss(model: M2ChatModel, teacher: FusedLM, batch: dict) -> torch.Tensor:
